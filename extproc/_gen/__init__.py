@@ -1,0 +1,1 @@
+"""Generated protobuf modules (make protos); do not edit."""

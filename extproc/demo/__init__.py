@@ -1,0 +1,1 @@
+"""Demo helpers: a scriptable fake OpenAI-compatible upstream for local runs and tests."""

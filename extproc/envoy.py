@@ -1,0 +1,183 @@
+"""The wire binding: the only module that touches Envoy's ext_proc protobuf messages.
+
+This module owns decoding ``ProcessingRequest`` headers into plain dicts and encoding plain
+decisions (header sets/removals, body replacements, immediate responses, dynamic metadata) into
+``ProcessingResponse`` messages. It knows Envoy's quirks (values go in ``raw_value``; a replaced
+buffered body needs a matching ``content-length``) so that callers never have to. It holds no
+routing logic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from extproc._gen import ext_proc_pb2 as pb
+
+ProcessingRequest = pb.ProcessingRequest
+ProcessingResponse = pb.ProcessingResponse
+
+CONTINUE = pb.CommonResponse.CONTINUE
+CONTINUE_AND_REPLACE = pb.CommonResponse.CONTINUE_AND_REPLACE
+BODY_NONE = pb.ProcessingMode.NONE
+BODY_STREAMED = pb.ProcessingMode.STREAMED
+BODY_BUFFERED = pb.ProcessingMode.BUFFERED
+
+def decode_headers(headers: pb.HttpHeaders) -> dict[str, str]:
+    """Headers as a dict of lower-cased names to values; repeated names are joined with commas."""
+    out: dict[str, str] = {}
+    for h in headers.headers.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        key = h.key
+        if key in out:
+            out[key] = f"{out[key]},{value}"
+        else:
+            out[key] = value
+    return out
+
+
+def _header_mutation(
+    target: pb.HeaderMutation,
+    set_headers: Iterable[tuple[str, str]] | None,
+    remove_headers: Iterable[str] | None,
+) -> None:
+    if set_headers:
+        for key, value in set_headers:
+            option = target.set_headers.add()
+            option.header.key = key
+            option.header.raw_value = value.encode()
+    if remove_headers:
+        target.remove_headers.extend(remove_headers)
+
+
+def _common(
+    common: pb.CommonResponse,
+    set_headers: Iterable[tuple[str, str]] | None,
+    remove_headers: Iterable[str] | None,
+    body: bytes | None,
+    clear_route_cache: bool,
+) -> None:
+    common.SetInParent()  # an empty CommonResponse must still select the oneof branch
+    if set_headers or remove_headers:
+        _header_mutation(common.header_mutation, set_headers, remove_headers)
+    if body is not None:
+        common.body_mutation.body = body
+    if clear_route_cache:
+        common.clear_route_cache = True
+
+
+def request_headers_response(
+    *,
+    set_headers: Iterable[tuple[str, str]] | None = None,
+    remove_headers: Iterable[str] | None = None,
+    replace_body: bytes | None = None,
+    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pb.ProcessingResponse:
+    """Answer a request_headers message; ``replace_body`` sends a new body (CONTINUE_AND_REPLACE).
+
+    ``dynamic_metadata`` maps namespaces to their fields.
+    """
+    response = pb.ProcessingResponse()
+    common = response.request_headers.response
+    if replace_body is not None:
+        common.status = CONTINUE_AND_REPLACE
+    _common(common, set_headers, remove_headers, replace_body, clear_route_cache=False)
+    if dynamic_metadata:
+        _set_metadata(response, dynamic_metadata)
+    return response
+
+
+def request_body_response(
+    *,
+    set_headers: Iterable[tuple[str, str]] | None = None,
+    remove_headers: Iterable[str] | None = None,
+    clear_route_cache: bool = False,
+    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pb.ProcessingResponse:
+    """Answer a buffered request_body message, optionally re-routing with new headers."""
+    response = pb.ProcessingResponse()
+    _common(
+        response.request_body.response, set_headers, remove_headers, None, clear_route_cache
+    )
+    if dynamic_metadata:
+        _set_metadata(response, dynamic_metadata)
+    return response
+
+
+def response_headers_response(
+    *,
+    set_headers: Iterable[tuple[str, str]] | None = None,
+    remove_headers: Iterable[str] | None = None,
+    body_mode: int | None = None,
+) -> pb.ProcessingResponse:
+    """Answer a response_headers message, optionally changing how the body is sent to us."""
+    response = pb.ProcessingResponse()
+    common = response.response_headers.response
+    _common(common, set_headers, remove_headers, None, clear_route_cache=False)
+    if body_mode is not None:
+        response.mode_override.response_body_mode = body_mode  # type: ignore[assignment]
+    return response
+
+
+def response_body_response(
+    *,
+    set_headers: Iterable[tuple[str, str]] | None = None,
+    remove_headers: Iterable[str] | None = None,
+    replace_body: bytes | None = None,
+) -> pb.ProcessingResponse:
+    """Answer a response_body message (buffered: headers may still change; replace needs length)."""
+    response = pb.ProcessingResponse()
+    headers = list(set_headers or ())
+    if replace_body is not None:
+        headers.append(("content-length", str(len(replace_body))))
+    _common(response.response_body.response, headers, remove_headers, replace_body, False)
+    return response
+
+
+def immediate_response(
+    status: int,
+    body: bytes,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+    details: str = "",
+    content_type: str = "application/json",
+) -> pb.ProcessingResponse:
+    """Answer the client directly without contacting any upstream."""
+    response = pb.ProcessingResponse()
+    immediate = response.immediate_response
+    immediate.status.code = status
+    immediate.body = body
+    _header_mutation(immediate.headers, [("content-type", content_type), *headers], None)
+    if details:
+        immediate.details = details
+    return response
+
+
+def _set_metadata(
+    response: pb.ProcessingResponse, namespaces: Mapping[str, Mapping[str, Any]]
+) -> None:
+    for namespace, values in namespaces.items():
+        fields = struct_pb2.Struct()
+        fields.update(dict(values))
+        response.dynamic_metadata.fields[namespace].struct_value.CopyFrom(fields)
+
+
+def continue_response(kind: str) -> pb.ProcessingResponse:
+    """The do-nothing answer for a message of oneof kind ``kind`` (e.g. ``response_body``)."""
+    response = pb.ProcessingResponse()
+    if kind in ("request_trailers", "response_trailers"):
+        getattr(response, kind).SetInParent()
+    else:
+        getattr(response, kind).response.SetInParent()
+    return response
+
+
+def attribute_string(request: pb.ProcessingRequest, name: str) -> str | None:
+    """Read one requested attribute (e.g. ``xds.cluster_name``) from any filter's attribute map."""
+    for struct in request.attributes.values():
+        value = struct.fields.get(name)
+        if value is not None and value.HasField("string_value"):
+            return value.string_value
+    return None

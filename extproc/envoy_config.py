@@ -1,0 +1,320 @@
+"""Generate the Envoy bootstrap that pairs with a gateway config.
+
+This module owns the Envoy side of the contract: one cluster per provider (TLS with SNI for https
+base URLs), the router-level ext_proc filter, the upstream-level ext_proc filter inside every
+provider cluster, the priority-group cluster specifier that lets the ext_proc choose a cluster per
+attempt, and the retry policy that lets the ext_proc decide whether an attempt is retried. The
+header and metadata names it writes are the ones ``extproc.processor`` reads; both import them from
+here so they cannot drift. Users never hand-write clusters: ``python -m extproc envoy-config``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from extproc.routing.model import Provider
+from extproc.routing.table import RoutingTable
+
+FILTER_ROLE_HEADER = "x-vm-filter"
+"""gRPC initial metadata that tells the ext_proc which filter opened a stream."""
+ROLE_ROUTER = "router"
+ROLE_UPSTREAM = "upstream"
+
+REQUEST_ID_HEADER = "x-vm-request-id"
+"""Set by the router-level stream; correlates the upstream-level streams of the same request."""
+RETRY_HEADER = "x-vm-retry"
+"""Added by the upstream-level stream to an attempt's response when the plan wants another attempt."""
+INTERNAL_HEADER_PREFIX = "x-vm-"
+"""Every internal header starts with this; client-sent ones are removed before routing."""
+
+METADATA_NS = "io.vmrouter"
+"""Dynamic metadata namespace for values Envoy filters read (e.g. the rewritten content length)."""
+PRIORITY_GROUP_NS = "io.vmrouter.pg"
+"""Dynamic metadata namespace the priority-group cluster specifier reads the attempt order from."""
+
+UNROUTED_CLUSTER = "vmrouter_unrouted"
+"""A cluster with no endpoints: the route's default when the ext_proc chose nothing."""
+EXTPROC_CLUSTER = "vmrouter_extproc"
+
+MAX_ATTEMPTS = 10
+"""Upper bound of attempts per client request; the ext_proc lowers it per request."""
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoySettings:
+    """Where Envoy listens and how it reaches the ext_proc."""
+
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 10000
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    extproc_address: str = "127.0.0.1"
+    """IP address of the ext_proc gRPC server, or a path starting with '/' for a Unix socket."""
+    extproc_port: int = 50051
+    per_try_timeout_s: float = 600.0
+    """Upper bound for one attempt, the whole response included (long generations stream)."""
+    per_try_idle_timeout_s: float = 120.0
+    """Longest silence from an upstream before its first byte (and between bytes)."""
+    body_limit_bytes: int = 32 * 1024 * 1024
+    """Largest request body the router buffers; larger requests get 413."""
+    ca_bundle: str = SYSTEM_CA_BUNDLE
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    if host.startswith("/"):
+        return {"pipe": {"path": host}}
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
+    router = role == ROLE_ROUTER
+    config: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {
+            "envoy_grpc": {"cluster_name": EXTPROC_CLUSTER},
+            "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}],
+        },
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED" if router else "NONE",
+            "response_header_mode": "SEND",
+            "response_body_mode": "BUFFERED" if router else "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        # The upstream stream may hold an attempt for a configured retry delay (<= 60 s).
+        "message_timeout": "10s" if router else "65s",
+        "metadata_options": {
+            "receiving_namespaces": {
+                "untyped": [METADATA_NS, PRIORITY_GROUP_NS] if router else [METADATA_NS]
+            }
+        },
+    }
+    if router:
+        config["allow_mode_override"] = True
+        # Lets the ext_proc set x-envoy-max-retries and the per-try timeout per request.
+        config["mutation_rules"] = {"allow_envoy": True}
+    else:
+        config["mutation_rules"] = {"allow_all_routing": True}
+        config["request_attributes"] = ["xds.cluster_name"]
+    return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def provider_cluster(provider: Provider, settings: EnvoySettings) -> dict[str, Any]:
+    """One Envoy cluster for a provider, with the upstream-level ext_proc in its filter chain."""
+    cluster: dict[str, Any] = {
+        "name": provider.cluster,
+        "type": "STATIC" if _is_ip(provider.host) else "LOGICAL_DNS",
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": provider.cluster,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(provider.host, provider.port)}}]}
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "http_filters": [
+                    _ext_proc(ROLE_UPSTREAM, settings),
+                    {
+                        # A body replaced at request-headers time goes out chunked; restore the
+                        # length the ext_proc computed for this attempt.
+                        "name": "envoy.filters.http.header_mutation",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+                            ".header_mutation.v3.HeaderMutation",
+                            "mutations": {
+                                "request_mutations": [
+                                    {
+                                        "append": {
+                                            "header": {
+                                                "key": "content-length",
+                                                "value": f"%DYNAMIC_METADATA({METADATA_NS}"
+                                                ":content_length)%",
+                                            },
+                                            "append_action": "ADD_IF_ABSENT",
+                                        }
+                                    }
+                                ]
+                            },
+                        },
+                    },
+                    {
+                        "name": "envoy.filters.http.upstream_codec",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http"
+                            ".upstream_codec.v3.UpstreamCodec"
+                        },
+                    },
+                ],
+            }
+        },
+    }
+    if provider.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+                ".UpstreamTlsContext",
+                "sni": provider.host,
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": settings.ca_bundle},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": provider.host}}
+                        ],
+                    }
+                },
+            },
+        }
+    return cluster
+
+
+def _route() -> dict[str, Any]:
+    return {
+        "name": "vmrouter",
+        "match": {"prefix": "/"},
+        "response_headers_to_remove": [RETRY_HEADER],
+        "route": {
+            "timeout": "0s",
+            "retry_policy": {
+                "retry_on": "retriable-headers,connect-failure,reset,refused-stream",
+                "num_retries": MAX_ATTEMPTS - 1,
+                "retriable_headers": [{"name": RETRY_HEADER, "string_match": {"exact": "1"}}],
+                "retry_back_off": {"base_interval": "0.001s", "max_interval": "0.002s"},
+                "refresh_cluster_on_retry": True,
+            },
+            "inline_cluster_specifier_plugin": {
+                "extension": {
+                    "name": "envoy.router.cluster_specifier_plugin.priority_group",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers"
+                        ".priority_group.v3.PriorityGroupClusterSpecifier",
+                        "priority_groups": [
+                            {"name": "unrouted", "clusters": [{"cluster_name": UNROUTED_CLUSTER, "weight": 1}]}
+                        ],
+                        "override_metadata_namespace": PRIORITY_GROUP_NS,
+                    },
+                }
+            },
+        },
+    }
+
+
+def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
+    """The Envoy bootstrap (as a dict) for a compiled routing table."""
+    route = _route()
+    route["route"]["retry_policy"]["per_try_timeout"] = f"{settings.per_try_timeout_s:g}s"
+    route["route"]["retry_policy"]["per_try_idle_timeout"] = f"{settings.per_try_idle_timeout_s:g}s"
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "vmrouter",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "vmrouter",
+            "virtual_hosts": [
+                {
+                    "name": "vmrouter",
+                    "domains": ["*"],
+                    "include_request_attempt_count": True,
+                    "routes": [route],
+                }
+            ],
+        },
+        "http_filters": [
+            _ext_proc(ROLE_ROUTER, settings),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    clusters: list[dict[str, Any]] = [
+        provider_cluster(p, settings) for p in sorted(table.providers.values(), key=lambda p: p.name)
+    ]
+    clusters.append(
+        {
+            "name": UNROUTED_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": UNROUTED_CLUSTER, "endpoints": []},
+        }
+    )
+    clusters.append(
+        {
+            "name": EXTPROC_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                    ".HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": EXTPROC_CLUSTER,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": _address(
+                                        settings.extproc_address, settings.extproc_port
+                                    )
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+    return {
+        "admin": {"address": _address(settings.admin_address, settings.admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "vmrouter",
+                    "address": _address(settings.listen_address, settings.listen_port),
+                    "per_connection_buffer_limit_bytes": settings.body_limit_bytes,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def render(table: RoutingTable, settings: EnvoySettings) -> str:
+    """The Envoy bootstrap as YAML text."""
+    header = (
+        "# Generated by `python -m extproc envoy-config` from the gateway config; do not edit.\n"
+    )
+    return header + yaml.safe_dump(bootstrap(table, settings), sort_keys=False)

