@@ -147,6 +147,8 @@ class _RoutingBase(_Model):
     """The catalog models behind the virtual model."""
     sticky_routing: StickyRouting | None = None
     """Optional session affinity."""
+    attempt_timeout_ms: int | None = Field(default=None, ge=100, le=3_600_000)
+    """Upper bound for one attempt, the whole response included; the gateway default if unset."""
 
 
 class WeightBasedRouting(_RoutingBase):
@@ -194,8 +196,21 @@ class VirtualModelGroup(_Model):
     """The group's virtual models."""
 
 
+class GatewaySettings(_Model):
+    """Gateway-wide settings."""
+
+    attempt_timeout_ms: int = Field(default=600_000, ge=100, le=3_600_000)
+    """Default upper bound for one attempt, the whole response included (long generations)."""
+    first_byte_timeout_ms: int = Field(default=120_000, ge=100, le=3_600_000)
+    """Longest wait for an upstream's first byte before the attempt fails over (also the longest
+    silence allowed between chunks once a stream started; enforced by Envoy for all routes)."""
+
+
 class GatewayConfig(_Model):
     """The whole gateway configuration file."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    """Gateway-wide settings."""
 
     providers: list[ProviderConfig] = Field(default_factory=list)
     """Upstream accounts and their model catalogs."""

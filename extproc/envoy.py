@@ -111,11 +111,14 @@ def response_headers_response(
     set_headers: Iterable[tuple[str, str]] | None = None,
     remove_headers: Iterable[str] | None = None,
     body_mode: int | None = None,
+    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pb.ProcessingResponse:
     """Answer a response_headers message, optionally changing how the body is sent to us."""
     response = pb.ProcessingResponse()
     common = response.response_headers.response
     _common(common, set_headers, remove_headers, None, clear_route_cache=False)
+    if dynamic_metadata:
+        _set_metadata(response, dynamic_metadata)
     if body_mode is not None:
         response.mode_override.response_body_mode = body_mode  # type: ignore[assignment]
     return response
@@ -181,3 +184,14 @@ def attribute_string(request: pb.ProcessingRequest, name: str) -> str | None:
         if value is not None and value.HasField("string_value"):
             return value.string_value
     return None
+
+
+def metadata_string(request: pb.ProcessingRequest, namespace: str, key: str) -> str | None:
+    """Read one forwarded dynamic metadata string value."""
+    struct = request.metadata_context.filter_metadata.get(namespace)
+    if struct is None:
+        return None
+    value = struct.fields.get(key)
+    if value is None or not value.HasField("string_value"):
+        return None
+    return value.string_value

@@ -24,8 +24,10 @@ FILTER_ROLE_HEADER = "x-vm-filter"
 ROLE_ROUTER = "router"
 ROLE_UPSTREAM = "upstream"
 
-REQUEST_ID_HEADER = "x-vm-request-id"
-"""Set by the router-level stream; correlates the upstream-level streams of the same request."""
+REQUEST_NS = "io.vmrouter.request"
+"""Dynamic metadata namespace holding ``request_id``: written by the router-level stream and
+forwarded to every upstream-level stream of the same request, which finds its context with it.
+(A header would reach the providers: Envoy keeps header changes from one attempt to the next.)"""
 RETRY_HEADER = "x-vm-retry"
 """Added by the upstream-level stream to an attempt's response when the plan wants another attempt."""
 INTERNAL_HEADER_PREFIX = "x-vm-"
@@ -56,10 +58,6 @@ class EnvoySettings:
     extproc_address: str = "127.0.0.1"
     """IP address of the ext_proc gRPC server, or a path starting with '/' for a Unix socket."""
     extproc_port: int = 50051
-    per_try_timeout_s: float = 600.0
-    """Upper bound for one attempt, the whole response included (long generations stream)."""
-    per_try_idle_timeout_s: float = 120.0
-    """Longest silence from an upstream before its first byte (and between bytes)."""
     body_limit_bytes: int = 32 * 1024 * 1024
     """Largest request body the router buffers; larger requests get 413."""
     ca_bundle: str = SYSTEM_CA_BUNDLE
@@ -92,8 +90,9 @@ def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
         "message_timeout": "10s" if router else "65s",
         "metadata_options": {
             "receiving_namespaces": {
-                "untyped": [METADATA_NS, PRIORITY_GROUP_NS] if router else [METADATA_NS]
-            }
+                "untyped": [METADATA_NS, PRIORITY_GROUP_NS, REQUEST_NS]
+            },
+            **({} if router else {"forwarding_namespaces": {"untyped": [REQUEST_NS]}}),
         },
     }
     if router:
@@ -221,8 +220,10 @@ def _route() -> dict[str, Any]:
 def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap (as a dict) for a compiled routing table."""
     route = _route()
-    route["route"]["retry_policy"]["per_try_timeout"] = f"{settings.per_try_timeout_s:g}s"
-    route["route"]["retry_policy"]["per_try_idle_timeout"] = f"{settings.per_try_idle_timeout_s:g}s"
+    # The ext_proc sets each request's per-try timeout (x-envoy-upstream-rq-per-try-timeout-ms);
+    # the first-byte (idle) timeout exists only per route, so it is gateway-wide.
+    policy = route["route"]["retry_policy"]
+    policy["per_try_idle_timeout"] = f"{table.first_byte_timeout_ms / 1000:g}s"
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",

@@ -26,7 +26,7 @@ from extproc.envoy_config import (
     INTERNAL_HEADER_PREFIX,
     MAX_ATTEMPTS,
     PRIORITY_GROUP_NS,
-    REQUEST_ID_HEADER,
+    REQUEST_NS,
     RETRY_HEADER,
 )
 from extproc.errors import GatewayError, InvalidRequest, error_body
@@ -113,6 +113,15 @@ class RequestContext:
     def virtual_model(self) -> VirtualModel:
         """The resolved virtual (or catalog) model."""
         return self.decision.virtual_model
+
+
+def attempt_groups(plan: AttemptPlan) -> dict[str, dict[str, Any]]:
+    """Dynamic metadata for the priority-group cluster specifier: attempt n goes to group n."""
+    groups = [
+        {"name": f"a{i}", "clusters": [{"cluster_name": cluster, "weight": 1}]}
+        for i, cluster in enumerate(plan.clusters())
+    ]
+    return {PRIORITY_GROUP_NS: {"priority_groups": groups}}
 
 
 def _error_response(exc: GatewayError) -> envoy.ProcessingResponse:
@@ -204,17 +213,16 @@ class RouterStream:
         )
         runtime.requests[request_id] = context
         self.context = context
-        groups = [
-            {"name": f"a{i}", "clusters": [{"cluster_name": t.model.provider.cluster, "weight": 1}]}
-            for i, t in enumerate(slots)
-        ]
         return envoy.request_body_response(
             set_headers=[
-                (REQUEST_ID_HEADER, request_id),
                 ("x-envoy-max-retries", str(len(slots) - 1)),
+                ("x-envoy-upstream-rq-per-try-timeout-ms", str(decision.virtual_model.attempt_timeout_ms)),
             ],
             clear_route_cache=True,
-            dynamic_metadata={PRIORITY_GROUP_NS: {"priority_groups": groups}},
+            dynamic_metadata={
+                **attempt_groups(context.plan),
+                REQUEST_NS: {"request_id": request_id},
+            },
         )
 
     def _gateway_headers(self, context: RequestContext) -> list[tuple[str, str]]:
@@ -238,9 +246,9 @@ class RouterStream:
             # The final attempt got no response through the upstream filter: Envoy answered.
             last.label = "timeout" if last.sent else "connect-error"
             last.status = status
-        elif not plan.done and plan.next_slot < len(plan.slots) and status >= 500:
+        elif last is not None and not plan.done and status >= 500:
             # The plan wanted another attempt that never reached us: its connection failed.
-            plan.failed_without_response(plan.next_slot, self.runtime.clock(), status)
+            plan.failed_without_response(last.attempt + 1, self.runtime.clock(), status)
         body_mode = None
         if context.stream and 200 <= status < 300 or message.end_of_stream:
             body_mode = envoy.BODY_NONE
@@ -294,7 +302,7 @@ class UpstreamStream:
         """Bind to the shared runtime."""
         self.runtime = runtime
         self.context: RequestContext | None = None
-        self.slot = -1
+        self.attempt = -1
         self.answered_locally = False
 
     def close(self) -> None:
@@ -313,7 +321,8 @@ class UpstreamStream:
 
     async def _request_headers(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
         headers = envoy.decode_headers(request.request_headers)
-        context = self.runtime.requests.get(headers.get(REQUEST_ID_HEADER, ""))
+        request_id = envoy.metadata_string(request, REQUEST_NS, "request_id")
+        context = self.runtime.requests.get(request_id or "")
         if context is None:
             self.answered_locally = True
             return _error_response(
@@ -321,30 +330,24 @@ class UpstreamStream:
             )
         self.context = context
         try:
-            self.slot = int(headers.get("x-envoy-attempt-count", "1")) - 1
+            self.attempt = int(headers.get("x-envoy-attempt-count", "1")) - 1
         except ValueError:
-            self.slot = 0
-        step, delay = context.plan.begin(self.slot, self.runtime.clock())
-        if step is Step.SKIP:
-            self.answered_locally = True
-            return envoy.immediate_response(
-                503,
-                error_body("attempt skipped by the routing plan", "skipped", 503),
-                headers=[(RETRY_HEADER, "1")],
-                details="vmrouter_skip",
-            )
+            self.attempt = 0
+        plan = context.plan
+        step, delay = plan.begin(self.attempt, self.runtime.clock())
         if step is Step.STOP:
+            # Envoy retried on its own (a connection failure) after the plan ended.
             self.answered_locally = True
-            last = context.plan.last
+            last = plan.last
             status = last.status if last is not None and last.status else 503
             target = last.target.key if last is not None else "upstream"
+            label = last.label if last is not None else "no attempt"
             return envoy.immediate_response(
                 status,
-                error_body(f"{target} failed ({last.label if last else 'no attempt'})",
-                           "upstream_error", status),
+                error_body(f"{target} failed ({label})", "upstream_error", status),
                 details="vmrouter_plan_exhausted",
             )
-        target = context.plan.slots[self.slot]
+        target = plan.slots[plan.schedule[self.attempt]]
         if delay > 0:
             await asyncio.sleep(delay)
         context.plan.mark_sent()
@@ -366,9 +369,11 @@ class UpstreamStream:
             status = int(headers.get(":status", "0"))
         except ValueError:
             status = 502
-        again = context.plan.outcome(self.slot, status)
+        plan = context.plan
+        if not plan.outcome(self.attempt, status):
+            return envoy.response_headers_response()
         return envoy.response_headers_response(
-            set_headers=[(RETRY_HEADER, "1")] if again else None
+            set_headers=[(RETRY_HEADER, "1")], dynamic_metadata=attempt_groups(plan)
         )
 
 

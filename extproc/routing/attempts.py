@@ -1,12 +1,13 @@
 """The attempt plan of one request: which target each Envoy attempt goes to, and when to stop.
 
-This module owns the retry and fallback semantics. A plan of targets becomes a fixed list of
-*slots*, one per allowed attempt (a target with ``retry_config.attempts: 2`` gets two adjacent
-slots). Envoy sends attempt *n* to slot *n*'s cluster. After each attempt the outcome decides the
-next slot: a retry code moves to the same target's next slot; a fallback code (or a retry code once
-that target's slots are spent) jumps to the next target's first slot; anything else ends the
-request. Slots jumped over are answered locally by the upstream ext_proc and never reach a
-provider. Pure logic: the caller supplies statuses and times.
+This module owns the retry and fallback semantics. A plan of targets becomes a list of *slots*,
+one per allowed attempt (a target with ``retry_config.attempts: 2`` gets two adjacent slots), and a
+*schedule* mapping Envoy's attempt number to a slot. The schedule starts as slot 0, 1, 2, ...
+After each attempt its status decides the next slot: a retry code moves to the same target's next
+slot; a fallback code (or a retry code once that target's slots are spent) jumps to the next
+target's first slot; success or any other code ends the request. A jump rewrites the rest of the
+schedule, which the upstream ext_proc hands back to Envoy's cluster specifier before the retry.
+Pure logic: the caller supplies statuses and times.
 """
 
 from __future__ import annotations
@@ -24,24 +25,24 @@ class Step(enum.Enum):
     """What to do with the attempt Envoy is starting."""
 
     SEND = "send"
-    """Rewrite for the slot's target and let it go upstream."""
-    SKIP = "skip"
-    """Answer locally with a retriable failure so Envoy moves on to the next slot."""
+    """Rewrite for the scheduled target and let it go upstream."""
     STOP = "stop"
-    """The plan is over: answer locally with the last failure and do not retry."""
+    """The plan is over: answer locally with the last failure (Envoy retried on its own)."""
 
 
 @dataclass(slots=True)
 class AttemptRecord:
     """One attempt that was sent (or that Envoy tried to send) to a target."""
 
+    attempt: int
+    """Envoy's attempt number, 0-based."""
     slot: int
     target: Target
     started: float
     status: int | None = None
     """The upstream status; ``None`` until a response arrived (or forever, if none did)."""
     label: str = ""
-    """What ``x-gateway-attempts`` shows: the status, or ``connect-error``/``timeout``/``reset``."""
+    """What ``x-gateway-attempts`` shows: the status, or ``connect-error``/``timeout``."""
     sent: bool = False
     """Whether the upstream ext_proc released the attempt to the provider."""
 
@@ -61,47 +62,55 @@ class AttemptPlan:
     """Mutable per-request cursor over the slots."""
 
     slots: tuple[Target, ...]
-    next_slot: int = 0
-    seen: int = -1
-    """Highest slot Envoy has started that we know of."""
+    schedule: list[int] = field(default_factory=list)
+    """``schedule[n]`` is the slot Envoy's attempt ``n`` (0-based) goes to."""
     done: bool = False
     records: list[AttemptRecord] = field(default_factory=list)
+    seen: int = -1
+    """Highest attempt number Envoy has started that we know of."""
 
-    def begin(self, slot: int, now: float) -> tuple[Step, float]:
-        """Envoy starts attempt ``slot`` (0-based): return the step and a delay in seconds.
+    def __post_init__(self) -> None:
+        """Start with the optimistic schedule: every slot in order."""
+        if not self.schedule:
+            self.schedule = list(range(len(self.slots)))
+
+    def clusters(self) -> list[str]:
+        """The cluster of every scheduled attempt, in attempt order."""
+        return [self.slots[s].model.provider.cluster for s in self.schedule]
+
+    def begin(self, attempt: int, now: float) -> tuple[Step, float]:
+        """Envoy starts ``attempt`` (0-based): return the step and a delay in seconds.
 
         Earlier attempts that never produced a response are settled here first, as 503s: one we
         released that went silent (``timeout``), and ones Envoy made that never reached us because
         the connection was refused before our stream opened (``connect-error``).
         """
         last = self.last
-        if last is not None and last.status is None and last.slot < slot:
+        if last is not None and last.status is None and last.attempt < attempt:
             last.label = "timeout" if last.sent else "connect-error"
             self._settle(last, FAILED_STATUS)
-        for missing in range(self.seen + 1, min(slot, len(self.slots))):
-            if self.done:
+        for missing in range(self.seen + 1, attempt):
+            if self.done or missing >= len(self.schedule):
                 break
-            if missing >= self.next_slot:
-                self.failed_without_response(missing, now, FAILED_STATUS)
-        self.seen = max(self.seen, slot)
-        if self.done or slot >= len(self.slots):
+            self.failed_without_response(missing, now, FAILED_STATUS)
+        self.seen = max(self.seen, attempt)
+        if self.done or attempt >= len(self.schedule):
             self.done = True
             return Step.STOP, 0.0
-        if slot < self.next_slot:
-            return Step.SKIP, 0.0
-        self.next_slot = slot
+        slot = self.schedule[attempt]
         target = self.slots[slot]
-        delay = 0.0
         previous = self.last
-        if previous is not None and previous.target is target:
-            delay = target.retry.delay_ms / 1000.0
-        self.records.append(AttemptRecord(slot=slot, target=target, started=now))
+        delay = target.retry.delay_ms / 1000.0 if previous and previous.target is target else 0.0
+        self.records.append(AttemptRecord(attempt=attempt, slot=slot, target=target, started=now))
         return Step.SEND, delay
 
-    def failed_without_response(self, slot: int, now: float, status: int) -> None:
-        """Record an attempt on ``slot`` that failed before reaching the provider."""
+    def failed_without_response(self, attempt: int, now: float, status: int) -> None:
+        """Record that ``attempt`` failed before any response reached us (connection failure)."""
+        if attempt >= len(self.schedule):
+            return
+        slot = self.schedule[attempt]
         record = AttemptRecord(
-            slot=slot, target=self.slots[slot], started=now, label="connect-error"
+            attempt=attempt, slot=slot, target=self.slots[slot], started=now, label="connect-error"
         )
         self.records.append(record)
         self._settle(record, status)
@@ -111,37 +120,39 @@ class AttemptPlan:
         if self.records:
             self.records[-1].sent = True
 
-    def outcome(self, slot: int, status: int) -> bool:
-        """Record a response status for ``slot``; return whether another attempt should follow."""
-        record = next((r for r in reversed(self.records) if r.slot == slot), None)
+    def outcome(self, attempt: int, status: int) -> bool:
+        """Record a response status for ``attempt``; return whether another attempt follows."""
+        record = next((r for r in reversed(self.records) if r.attempt == attempt), None)
         if record is None or record.status is not None:
             return False
         record.label = str(status)
         return self._settle(record, status)
 
     def _settle(self, record: AttemptRecord, status: int) -> bool:
-        record.status = record.status if record.status is not None else status
-        if status < 400:
+        record.status = status
+        nxt = self._next_slot(record.slot, status)
+        if nxt is None:
             self.done = True
+            del self.schedule[record.attempt + 1 :]
             return False
-        target = record.target
-        slot = record.slot
+        self.schedule[record.attempt + 1 :] = range(nxt, len(self.slots))
+        return True
+
+    def _next_slot(self, slot: int, status: int) -> int | None:
+        if status < 400:
+            return None
+        target = self.slots[slot]
         if (
             status in target.retry.on_status
             and slot + 1 < len(self.slots)
             and self.slots[slot + 1] is target
         ):
-            self.next_slot = slot + 1
-            return True
+            return slot + 1
         if status in target.fallback_status:
-            following = next(
+            return next(
                 (i for i in range(slot + 1, len(self.slots)) if self.slots[i] is not target), None
             )
-            if following is not None:
-                self.next_slot = following
-                return True
-        self.done = True
-        return False
+        return None
 
     @property
     def last(self) -> AttemptRecord | None:

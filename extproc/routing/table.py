@@ -41,6 +41,8 @@ class VirtualModel:
     strategy: Strategy
     targets: tuple[Target, ...]
     is_virtual: bool
+    attempt_timeout_ms: int
+    """Upper bound for one attempt (Envoy's per-try timeout, set per request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +62,15 @@ class RoutingDecision:
 class RoutingTable:
     """An immutable index from model names to virtual models, compiled from one config."""
 
-    def __init__(self, models: Mapping[str, VirtualModel], providers: Mapping[str, Provider]):
+    def __init__(
+        self,
+        models: Mapping[str, VirtualModel],
+        providers: Mapping[str, Provider],
+        first_byte_timeout_ms: int = 120_000,
+    ):
         """Wrap prebuilt indexes; use ``compile_table`` to build one from a config."""
         self._models = dict(models)
+        self.first_byte_timeout_ms = first_byte_timeout_ms
         self.providers: Mapping[str, Provider] = MappingProxyType(dict(providers))
         self.virtual_models: tuple[VirtualModel, ...] = tuple(
             {id(vm): vm for vm in models.values() if vm.is_virtual}.values()
@@ -196,6 +204,7 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 strategy=direct,
                 targets=(target,),
                 is_virtual=False,
+                attempt_timeout_ms=config.gateway.attempt_timeout_ms,
             )
     for group in config.virtual_model_groups:
         for vm_cfg in group.virtual_models:
@@ -209,8 +218,9 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                     _compile_target(t, catalog[t.target]) for t in routing.load_balance_targets
                 ),
                 is_virtual=True,
+                attempt_timeout_ms=routing.attempt_timeout_ms or config.gateway.attempt_timeout_ms,
             )
             models[vm.name] = vm
             if vm.slug:
                 models[vm.slug] = vm
-    return RoutingTable(models, providers)
+    return RoutingTable(models, providers, config.gateway.first_byte_timeout_ms)
