@@ -30,6 +30,10 @@ DEFAULT_RETRY_STATUS_CODES = (429, 500, 502, 503)
 DEFAULT_FALLBACK_STATUS_CODES = (401, 403, 404, 429, 500, 502, 503)
 
 
+def _chat_only() -> list[ModelType]:
+    return ["chat"]
+
+
 def _status_code(value: Any) -> Any:
     """Accept status codes written as numbers or as quoted strings (the seed YAML quotes them)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -51,7 +55,7 @@ class CatalogModelConfig(_Model):
     """Catalog name used in targets and in direct requests."""
     model: str | None = None
     """The model name sent upstream (modelNameOverride); defaults to ``name``."""
-    model_types: list[ModelType] = Field(default_factory=lambda: ["chat"])
+    model_types: list[ModelType] = Field(default_factory=_chat_only)
     """Operations this model serves; defaults to chat only."""
 
 
@@ -86,7 +90,9 @@ class RetryConfig(_Model):
     """Total attempts on this target, the first one included."""
     delay: int = Field(default=100, ge=0, le=60_000)
     """Milliseconds to wait before each retry on this target."""
-    on_status_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_RETRY_STATUS_CODES))
+    on_status_codes: list[StatusCode] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_STATUS_CODES)
+    )
     """Response statuses that retry this target."""
 
 
@@ -181,7 +187,7 @@ class VirtualModelConfig(_Model):
     """Name inside its group; called as ``<group>/<name>``."""
     slug: str | None = None
     """Optional global alias, unique across all groups."""
-    model_types: list[ModelType] = Field(default_factory=lambda: ["chat"])
+    model_types: list[ModelType] = Field(default_factory=_chat_only)
     """Operations callers may use; every target must serve them all."""
     routing_config: RoutingConfig
     """Strategy and targets."""
@@ -219,7 +225,7 @@ class GatewayConfig(_Model):
 
 
 def load_config(path: str | Path) -> GatewayConfig:
-    """Read, parse and validate a gateway config file; raise ``ConfigError`` listing every problem."""
+    """Read, parse and validate a gateway config file; ``ConfigError`` lists every problem."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -236,7 +242,9 @@ def parse_config(text: str) -> GatewayConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(["the config must be a mapping with 'providers' and 'virtual_model_groups'"])
+        raise ConfigError(
+            ["the config must be a mapping with 'providers' and 'virtual_model_groups'"]
+        )
     return validate_config(raw)
 
 
@@ -252,7 +260,9 @@ def validate_config(raw: dict[str, Any]) -> GatewayConfig:
     return config
 
 
-_ROUTING_TAGS = frozenset({"weight-based-routing", "priority-based-routing", "latency-based-routing"})
+_ROUTING_TAGS = frozenset(
+    {"weight-based-routing", "priority-based-routing", "latency-based-routing"}
+)
 
 
 def _format_path(loc: tuple[int | str, ...]) -> str:
@@ -273,10 +283,7 @@ def _format_pydantic_error(err: Any) -> str:
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
     elif err.get("type") == "union_tag_invalid":
-        msg = (
-            "unknown routing type; expected one of: "
-            + ", ".join(sorted(_ROUTING_TAGS))
-        )
+        msg = "unknown routing type; expected one of: " + ", ".join(sorted(_ROUTING_TAGS))
     return f"{_format_path(loc)}: {msg}"
 
 
@@ -287,7 +294,10 @@ def _semantic_problems(config: GatewayConfig) -> Iterator[str]:
     for p_index, provider in enumerate(config.providers):
         path = f"providers[{p_index}]"
         if not NAME_RE.match(provider.name):
-            yield f"{path}.name: invalid provider name {provider.name!r} (letters, digits, '.', '_', '-', ':'; no '/')"
+            yield (
+                f"{path}.name: invalid provider name {provider.name!r}"
+                " (letters, digits, '.', '_', '-', ':'; no '/')"
+            )
         if provider.name in provider_names:
             yield f"{path}.name: duplicate provider name {provider.name!r}"
         provider_names.add(provider.name)
@@ -296,7 +306,10 @@ def _semantic_problems(config: GatewayConfig) -> Iterator[str]:
         for m_index, model in enumerate(provider.models):
             m_path = f"{path}.models[{m_index}]"
             if not NAME_RE.match(model.name):
-                yield f"{m_path}.name: invalid model name {model.name!r} (no '/'; use 'model' for the upstream name)"
+                yield (
+                    f"{m_path}.name: invalid model name {model.name!r}"
+                    " (no '/'; use 'model' for the upstream name)"
+                )
             if model.name in seen_models:
                 yield f"{m_path}.name: duplicate model {provider.name}/{model.name}"
             seen_models.add(model.name)
@@ -309,7 +322,8 @@ def _semantic_problems(config: GatewayConfig) -> Iterator[str]:
         g_path = f"virtual_model_groups[{g_index}]"
         if not GROUP_NAME_RE.match(group.name):
             yield (
-                f"{g_path}.name: invalid group name {group.name!r} (3-64 letters, digits or hyphens,"
+                f"{g_path}.name: invalid group name {group.name!r}"
+                " (3-64 letters, digits or hyphens,"
                 " not starting with a digit)"
             )
         if group.name in group_names:
@@ -327,9 +341,15 @@ def _semantic_problems(config: GatewayConfig) -> Iterator[str]:
                 yield f"{v_path}.name: virtual model {full!r} has the same name as a catalog model"
             if vm.slug is not None:
                 if not NAME_RE.match(vm.slug):
-                    yield f"{v_path}.slug: invalid slug {vm.slug!r} (letters, digits, '.', '_', '-', ':')"
+                    yield (
+                        f"{v_path}.slug: invalid slug {vm.slug!r}"
+                        " (letters, digits, '.', '_', '-', ':')"
+                    )
                 elif vm.slug in slugs:
-                    yield f"{v_path}.slug: duplicate slug {vm.slug!r} (already used by {slugs[vm.slug]})"
+                    yield (
+                        f"{v_path}.slug: duplicate slug {vm.slug!r}"
+                        f" (already used by {slugs[vm.slug]})"
+                    )
                 else:
                     slugs[vm.slug] = full
 
@@ -390,7 +410,10 @@ def _routing_problems(
             if not _valid_header_name(header):
                 yield f"{t_path}.headers_override.remove: invalid header name {header!r}"
         if "model" in target.override_params:
-            yield f"{t_path}.override_params: 'model' cannot be overridden; set the catalog model's 'model'"
+            yield (
+                f"{t_path}.override_params: 'model' cannot be overridden;"
+                " set the catalog model's 'model'"
+            )
     if routing.type == "weight-based-routing":
         yield from _weight_sum_problems(r_path, routing.load_balance_targets)
 
@@ -407,8 +430,10 @@ def _weight_sum_problems(r_path: str, targets: list[TargetConfig]) -> Iterator[s
         pools[key] = pools.get(key, 0) + (target.weight or 0)
     for key, total in pools.items():
         if total != 100:
-            which = "targets" if not key else "targets with metadata_match " + ", ".join(
-                f"{k}={v}" for k, v in key
+            which = (
+                "targets"
+                if not key
+                else "targets with metadata_match " + ", ".join(f"{k}={v}" for k, v in key)
             )
             yield f"{r_path}.load_balance_targets: weights of {which} sum to {total}, expected 100"
 

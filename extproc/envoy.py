@@ -25,6 +25,7 @@ BODY_NONE = pb.ProcessingMode.NONE
 BODY_STREAMED = pb.ProcessingMode.STREAMED
 BODY_BUFFERED = pb.ProcessingMode.BUFFERED
 
+
 def decode_headers(headers: pb.HttpHeaders) -> dict[str, str]:
     """Headers as a dict of lower-cased names to values; repeated names are joined with commas."""
     out: dict[str, str] = {}
@@ -98,9 +99,7 @@ def request_body_response(
 ) -> pb.ProcessingResponse:
     """Answer a buffered request_body message, optionally re-routing with new headers."""
     response = pb.ProcessingResponse()
-    _common(
-        response.request_body.response, set_headers, remove_headers, None, clear_route_cache
-    )
+    _common(response.request_body.response, set_headers, remove_headers, None, clear_route_cache)
     if dynamic_metadata:
         _set_metadata(response, dynamic_metadata)
     return response
@@ -182,7 +181,7 @@ def attribute_string(request: pb.ProcessingRequest, name: str) -> str | None:
     for struct in request.attributes.values():
         value = struct.fields.get(name)
         if value is not None and value.HasField("string_value"):
-            return value.string_value
+            return str(value.string_value)
     return None
 
 
@@ -194,4 +193,4 @@ def metadata_string(request: pb.ProcessingRequest, namespace: str, key: str) -> 
     value = struct.fields.get(key)
     if value is None or not value.HasField("string_value"):
         return None
-    return value.string_value
+    return str(value.string_value)

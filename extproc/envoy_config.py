@@ -29,7 +29,7 @@ REQUEST_NS = "io.vmrouter.request"
 forwarded to every upstream-level stream of the same request, which finds its context with it.
 (A header would reach the providers: Envoy keeps header changes from one attempt to the next.)"""
 RETRY_HEADER = "x-vm-retry"
-"""Added by the upstream-level stream to an attempt's response when the plan wants another attempt."""
+"""Added by the upstream-level stream to an attempt's response when the plan wants one more."""
 INTERNAL_HEADER_PREFIX = "x-vm-"
 """Every internal header starts with this; client-sent ones are removed before routing."""
 
@@ -89,9 +89,7 @@ def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
         # The upstream stream may hold an attempt for a configured retry delay (<= 60 s).
         "message_timeout": "10s" if router else "65s",
         "metadata_options": {
-            "receiving_namespaces": {
-                "untyped": [METADATA_NS, PRIORITY_GROUP_NS, REQUEST_NS]
-            },
+            "receiving_namespaces": {"untyped": [METADATA_NS, PRIORITY_GROUP_NS, REQUEST_NS]},
             **({} if router else {"forwarding_namespaces": {"untyped": [REQUEST_NS]}}),
         },
     }
@@ -123,12 +121,17 @@ def provider_cluster(provider: Provider, settings: EnvoySettings) -> dict[str, A
         "load_assignment": {
             "cluster_name": provider.cluster,
             "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _address(provider.host, provider.port)}}]}
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _address(provider.host, provider.port)}}
+                    ]
+                }
             ],
         },
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                ".HttpProtocolOptions",
                 "explicit_http_config": {"http_protocol_options": {}},
                 "http_filters": [
                     _ext_proc(ROLE_UPSTREAM, settings),
@@ -207,7 +210,10 @@ def _route() -> dict[str, Any]:
                         "@type": "type.googleapis.com/envoy.extensions.router.cluster_specifiers"
                         ".priority_group.v3.PriorityGroupClusterSpecifier",
                         "priority_groups": [
-                            {"name": "unrouted", "clusters": [{"cluster_name": UNROUTED_CLUSTER, "weight": 1}]}
+                            {
+                                "name": "unrouted",
+                                "clusters": [{"cluster_name": UNROUTED_CLUSTER, "weight": 1}],
+                            }
                         ],
                         "override_metadata_namespace": PRIORITY_GROUP_NS,
                     },
@@ -251,7 +257,8 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
         ],
     }
     clusters: list[dict[str, Any]] = [
-        provider_cluster(p, settings) for p in sorted(table.providers.values(), key=lambda p: p.name)
+        provider_cluster(p, settings)
+        for p in sorted(table.providers.values(), key=lambda p: p.name)
     ]
     clusters.append(
         {
@@ -302,7 +309,10 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
                     "filter_chains": [
                         {
                             "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
                             ]
                         }
                     ],

@@ -30,7 +30,9 @@ class GatewayError(Exception):
         return error_body(self.message, self.error_type, self.code, self.param)
 
 
-def error_body(message: str, error_type: str, code: str | int | None, param: str | None = None) -> bytes:
+def error_body(
+    message: str, error_type: str, code: str | int | None, param: str | None = None
+) -> bytes:
     """Encode an OpenAI-style error object."""
     return json.dumps(
         {"error": {"message": message, "type": error_type, "param": param, "code": code}},

@@ -82,7 +82,7 @@ def _banner(options: StackOptions, config: GatewayConfig, demo: bool) -> str:
         f"\nvmrouter is up: Envoy on {base}, ext_proc on 127.0.0.1:{options.extproc_port}\n"
         f"virtual models: {', '.join(names) or '(none)'}\n"
         f"try:\n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
-        f"    -d '{{\"model\":\"{example}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\n"
+        f'    -d \'{{"model":"{example}","messages":[{{"role":"user","content":"hi"}}]}}\'\n'
         f"  curl -s {base}/v1/models\n"
         "Ctrl-C stops everything.\n"
     )

@@ -125,9 +125,7 @@ def attempt_groups(plan: AttemptPlan) -> dict[str, dict[str, Any]]:
 
 
 def _error_response(exc: GatewayError) -> envoy.ProcessingResponse:
-    return envoy.immediate_response(
-        exc.http_status, exc.body(), details=f"vmrouter_{exc.code}"
-    )
+    return envoy.immediate_response(exc.http_status, exc.body(), details=f"vmrouter_{exc.code}")
 
 
 class RouterStream:
@@ -216,7 +214,10 @@ class RouterStream:
         return envoy.request_body_response(
             set_headers=[
                 ("x-envoy-max-retries", str(len(slots) - 1)),
-                ("x-envoy-upstream-rq-per-try-timeout-ms", str(decision.virtual_model.attempt_timeout_ms)),
+                (
+                    "x-envoy-upstream-rq-per-try-timeout-ms",
+                    str(decision.virtual_model.attempt_timeout_ms),
+                ),
             ],
             clear_route_cache=True,
             dynamic_metadata={
@@ -250,7 +251,7 @@ class RouterStream:
             # The plan wanted another attempt that never reached us: its connection failed.
             plan.failed_without_response(last.attempt + 1, self.runtime.clock(), status)
         body_mode = None
-        if context.stream and 200 <= status < 300 or message.end_of_stream:
+        if (context.stream and 200 <= status < 300) or message.end_of_stream:
             body_mode = envoy.BODY_NONE
         return envoy.response_headers_response(
             set_headers=self._gateway_headers(context),
@@ -340,11 +341,11 @@ class UpstreamStream:
             self.answered_locally = True
             last = plan.last
             status = last.status if last is not None and last.status else 503
-            target = last.target.key if last is not None else "upstream"
+            failed = last.target.key if last is not None else "upstream"
             label = last.label if last is not None else "no attempt"
             return envoy.immediate_response(
                 status,
-                error_body(f"{target} failed ({label})", "upstream_error", status),
+                error_body(f"{failed} failed ({label})", "upstream_error", status),
                 details="vmrouter_plan_exhausted",
             )
         target = plan.slots[plan.schedule[self.attempt]]
@@ -397,10 +398,8 @@ def _attempt_headers(
         name: context.client_headers.get(name) for name in context.managed_headers
     }
     wanted["authorization"] = None
-    for name in target.headers_remove:
-        wanted[name] = None
-    for name, value in target.headers_set:
-        wanted[name] = value
+    wanted.update(dict.fromkeys(target.headers_remove))
+    wanted.update(target.headers_set)
     if provider.auth_header is not None:
         wanted[provider.auth_header[0]] = provider.auth_header[1]
     set_headers: list[tuple[str, str]] = [
@@ -408,10 +407,9 @@ def _attempt_headers(
         (":authority", provider.authority),
     ]
     remove_headers: list[str] = []
-    for name, value in wanted.items():
-        if value is None:
+    for name, header_value in wanted.items():
+        if header_value is None:
             remove_headers.append(name)
         else:
-            set_headers.append((name, value))
+            set_headers.append((name, header_value))
     return set_headers, remove_headers
-

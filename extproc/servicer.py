@@ -38,7 +38,7 @@ class ExtProcServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):
         self.runtime = runtime
         self.active_streams = 0
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[envoy.ProcessingRequest],
         context: Any,

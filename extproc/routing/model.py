@@ -26,7 +26,7 @@ class Provider:
     authority: str
     """Value for the ``:authority`` header sent upstream."""
     path_prefix: str
-    """Path of the base URL without a trailing slash, e.g. ``/v1``; prepended to the operation path."""
+    """Base URL path without a trailing slash, e.g. ``/v1``; prepended to the operation path."""
     auth_header: tuple[str, str] | None = field(default=None, repr=False)
     """Header carrying the credential; excluded from repr so it is never logged."""
 

@@ -80,7 +80,7 @@ class RoutingTable:
         )
 
     def lookup(self, name: str) -> VirtualModel | None:
-        """Find a virtual model by ``group/name`` or slug, or a catalog model by ``provider/model``."""
+        """Find a virtual model by ``group/name`` or slug, or a catalog model ``provider/model``."""
         return self._models.get(name)
 
     def resolve(self, name: str, operation: Operation, rng: Random) -> RoutingDecision:

@@ -16,7 +16,9 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
 def _raw(client: openai.OpenAI, model: str, **kwargs: object):  # type: ignore[no-untyped-def]
-    return client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kwargs)
+    return client.chat.completions.with_raw_response.create(
+        model=model, messages=MESSAGES, **kwargs
+    )
 
 
 def test_fallback_503_then_secondary_serves_with_its_own_rewrite(
@@ -118,9 +120,7 @@ def test_fallback_everything_fails_returns_last_error(gw: Stack, client: openai.
         _raw(client, "test/fallback")
     response = info.value.response
     assert response.status_code == 502
-    assert response.headers["x-gateway-attempts"] == (
-        "a/m1:503,a/m1:503,b/m1:502,b/m1:502"
-    )
+    assert response.headers["x-gateway-attempts"] == ("a/m1:503,a/m1:503,b/m1:502,b/m1:502")
     error = response.json()["error"]
     assert "b/m1 answered 502" in error["message"]
     assert "bad gateway" in error["message"]
@@ -140,9 +140,10 @@ def test_fallback_stream_broken_midway_never_looks_complete(gw: Stack) -> None:
     gw.script("a", {"chunks": 6, "chunk_interval_ms": 20, "break_after_chunks": 2})
     body = {"model": "test/fallback", "messages": MESSAGES, "stream": True}
     received = b""
-    with pytest.raises(httpx.HTTPError), httpx.stream(
-        "POST", f"{gw.base_url}/chat/completions", json=body, timeout=10
-    ) as response:
+    with (
+        pytest.raises(httpx.HTTPError),
+        httpx.stream("POST", f"{gw.base_url}/chat/completions", json=body, timeout=10) as response,
+    ):
         assert response.status_code == 200
         for part in response.iter_bytes():
             received += part

@@ -22,7 +22,9 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 
 def test_e2e_weight_split_holds(gw: Stack, client: openai.OpenAI) -> None:
     def one(_: int) -> str:
-        raw = client.chat.completions.with_raw_response.create(model="test/split", messages=MESSAGES)
+        raw = client.chat.completions.with_raw_response.create(
+            model="test/split", messages=MESSAGES
+        )
         return raw.headers["x-gateway-target"]
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -54,7 +56,7 @@ def test_e2e_upstream_sees_rewritten_request(gw: Stack, client: openai.OpenAI) -
         )
         if raw.headers["x-gateway-target"] == "a/m1":
             break
-    seen = [r for r in gw.received("a")]
+    seen = gw.received("a")
     assert seen, "a/m1 never served"
     request = seen[-1]
     body = request["json"]

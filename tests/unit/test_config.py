@@ -161,9 +161,7 @@ def test_config_negative_priority() -> None:
     routing["type"] = "priority-based-routing"
     routing["load_balance_targets"][0]["priority"] = -1
     routing["load_balance_targets"][1]["priority"] = 1
-    assert problems(raw) == [
-        f"{TARGETS}[0].priority: Input should be greater than or equal to 0"
-    ]
+    assert problems(raw) == [f"{TARGETS}[0].priority: Input should be greater than or equal to 0"]
 
 
 def test_config_priority_required_for_priority_routing() -> None:
@@ -182,8 +180,10 @@ def test_config_model_types_mismatch() -> None:
     raw["virtual_model_groups"][0]["virtual_models"][0]["model_types"] = ["chat", "embedding"]
     found = problems(raw)
     assert found == [
-        f"{TARGETS}[0].target: model 'openai/gpt-4o' does not serve embedding (its model_types: chat)",
-        f"{TARGETS}[1].target: model 'onprem/llama' does not serve embedding (its model_types: chat)",
+        f"{TARGETS}[0].target: model 'openai/gpt-4o' does not serve embedding"
+        " (its model_types: chat)",
+        f"{TARGETS}[1].target: model 'onprem/llama' does not serve embedding"
+        " (its model_types: chat)",
     ]
 
 
@@ -194,7 +194,9 @@ def test_config_unknown_field_and_bad_routing_type() -> None:
     found = problems(raw)
     assert "providers[0].colour: unknown field" in found
     assert any(
-        p.startswith("virtual_model_groups[0].virtual_models[0].routing_config: unknown routing type")
+        p.startswith(
+            "virtual_model_groups[0].virtual_models[0].routing_config: unknown routing type"
+        )
         for p in found
     )
 
@@ -231,7 +233,9 @@ def test_config_bad_status_code_and_base_url() -> None:
         0
     ]["fallback_status_codes"] = ["42"]
     found = problems(raw)
-    assert found == [f"{TARGETS}[0].fallback_status_codes[0]: Input should be greater than or equal to 100"]
+    assert found == [
+        f"{TARGETS}[0].fallback_status_codes[0]: Input should be greater than or equal to 100"
+    ]
     raw["virtual_model_groups"][0]["virtual_models"][0]["routing_config"]["load_balance_targets"][
         0
     ]["fallback_status_codes"] = [503]
@@ -253,5 +257,6 @@ def test_config_model_override_param_rejected() -> None:
         0
     ]["override_params"] = {"model": "x"}
     assert problems(raw) == [
-        f"{TARGETS}[0].override_params: 'model' cannot be overridden; set the catalog model's 'model'"
+        f"{TARGETS}[0].override_params: 'model' cannot be overridden;"
+        " set the catalog model's 'model'"
     ]

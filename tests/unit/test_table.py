@@ -141,4 +141,6 @@ def test_provider_compilation(table) -> None:  # type: ignore[no-untyped-def]
 
 def test_names_lists_virtual_slugs_and_catalog(table) -> None:  # type: ignore[no-untyped-def]
     names = table.names()
-    assert {"prod/chat", "prod-chat", "prod/reliable", "openai/gpt-4o", "openai/embed"} <= set(names)
+    assert {"prod/chat", "prod-chat", "prod/reliable", "openai/gpt-4o", "openai/embed"} <= set(
+        names
+    )

