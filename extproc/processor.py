@@ -4,8 +4,9 @@ This module owns the meaning of each ext_proc phase. A client request opens one 
 (request headers and body, then the final response) and one *upstream* stream per attempt. The
 router stream resolves the model and writes the attempt plan; each upstream stream rewrites its
 attempt for its target and reports the attempt's status back into the plan. They share one
-``RequestContext`` found through the ``x-vm-request-id`` header. Protocol mechanics (the stream
-loop, gRPC) live in ``servicer``; protobuf encoding lives in ``envoy``.
+``RequestContext``, found through the ``io.vmrouter.request`` dynamic metadata that Envoy forwards
+to the upstream streams. Protocol mechanics (the stream loop, gRPC) live in ``servicer``;
+protobuf encoding lives in ``envoy``.
 """
 
 from __future__ import annotations

@@ -276,9 +276,7 @@ def test_attempt_plan_retry_code_on_last_slot_of_last_target_ends() -> None:
     _send(plan, 5)
     assert plan.outcome(5, 429) is False
     assert plan.done
-    assert plan.summary() == ",".join(
-        ["pa/m:429"] * 2 + ["pb/m:429"] * 2 + ["pc/m:429"] * 2
-    )
+    assert plan.summary() == ",".join(["pa/m:429"] * 2 + ["pb/m:429"] * 2 + ["pc/m:429"] * 2)
 
 
 def test_attempt_plan_fallback_skips_slots_cut_by_max_attempts() -> None:

@@ -1,4 +1,4 @@
-"""The generated Envoy bootstrap: shape, TLS, drift of checked-in files, and Envoy's own validation."""
+"""The generated Envoy bootstrap: shape, TLS, drift of checked-in files, Envoy validation."""
 
 from __future__ import annotations
 
@@ -70,9 +70,9 @@ def test_envoy_config_https_provider_validates(tmp_path: Path) -> None:
 def test_envoy_config_unix_socket_extproc_validates(tmp_path: Path) -> None:
     table = compile_table(parse_config(TLS_CONFIG), environ={})
     text = render(table, EnvoySettings(extproc_address="/tmp/vmrouter.sock"))
-    assert yaml.safe_load(text)["static_resources"]["clusters"][-1]["load_assignment"][
-        "endpoints"
-    ][0]["lb_endpoints"][0]["endpoint"]["address"] == {"pipe": {"path": "/tmp/vmrouter.sock"}}
+    assert yaml.safe_load(text)["static_resources"]["clusters"][-1]["load_assignment"]["endpoints"][
+        0
+    ]["lb_endpoints"][0]["endpoint"]["address"] == {"pipe": {"path": "/tmp/vmrouter.sock"}}
     _validate(text, tmp_path)
 
 
