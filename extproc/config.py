@@ -101,6 +101,8 @@ class SlaCutoff(_Model):
 
     time_per_output_token_ms: float = Field(gt=0)
     """Average time per output token above which the target counts as unhealthy."""
+    window_seconds: float = Field(default=180, gt=0, le=86_400)
+    """Window over which the average is taken (3 minutes by default)."""
 
 
 class TargetConfig(_Model):
@@ -173,6 +175,12 @@ class LatencyBasedRouting(_RoutingBase):
     """Pick the fastest target by time per output token."""
 
     type: Literal["latency-based-routing"]
+    window_seconds: float = Field(default=1200, gt=0, le=86_400)
+    """Time-per-output-token samples older than this are forgotten (20 minutes by default)."""
+    band: float = Field(default=1.2, ge=1.0, le=100.0)
+    """Targets within this factor of the fastest count as equally fast and share traffic."""
+    min_samples: int = Field(default=3, ge=0, le=10_000)
+    """Targets with fewer samples in the window are preferred, so that they get measured."""
 
 
 RoutingConfig = Annotated[
@@ -202,8 +210,32 @@ class VirtualModelGroup(_Model):
     """The group's virtual models."""
 
 
+class HealthConfig(_Model):
+    """When failures put a target into cooldown."""
+
+    consecutive_failures: int = Field(default=3, ge=1, le=1000)
+    """Consecutive failed attempts that put a target into cooldown."""
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    """Failure share over ``failure_window_seconds`` that puts a target into cooldown..."""
+    failure_rate_min_requests: int = Field(default=10, ge=1)
+    """...once the window holds at least this many attempts."""
+    failure_window_seconds: float = Field(default=60, gt=0, le=86_400)
+    """Window of the failure rate."""
+    cooldown_seconds: float = Field(default=5, gt=0, le=86_400)
+    """First cooldown; each further one without a success in between doubles it."""
+    max_cooldown_seconds: float = Field(default=300, gt=0, le=86_400)
+    """Upper bound of the doubling cooldown."""
+    max_retry_after_seconds: float = Field(default=600, ge=0, le=86_400)
+    """Cap on a cooldown taken from a 429 response's ``Retry-After``."""
+    sla_probe_ratio: float = Field(default=0.05, ge=0, le=1)
+    """Share of requests that still try a target over its SLA cutoff, to measure its recovery."""
+
+
 class GatewaySettings(_Model):
     """Gateway-wide settings."""
+
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """Failure health and cooldowns."""
 
     attempt_timeout_ms: int = Field(default=600_000, ge=100, le=3_600_000)
     """Default upper bound for one attempt, the whole response included (long generations)."""

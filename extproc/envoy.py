@@ -128,11 +128,16 @@ def response_body_response(
     set_headers: Iterable[tuple[str, str]] | None = None,
     remove_headers: Iterable[str] | None = None,
     replace_body: bytes | None = None,
+    streamed: bool = False,
 ) -> pb.ProcessingResponse:
-    """Answer a response_body message (buffered: headers may still change; replace needs length)."""
+    """Answer a response_body message.
+
+    Buffered bodies may still change headers, and a replaced buffered body needs a matching
+    ``content-length``; streamed chunks (``streamed``) carry no length.
+    """
     response = pb.ProcessingResponse()
     headers = list(set_headers or ())
-    if replace_body is not None:
+    if replace_body is not None and not streamed:
         headers.append(("content-length", str(len(replace_body))))
     _common(response.response_body.response, headers, remove_headers, replace_body, False)
     return response

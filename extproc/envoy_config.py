@@ -6,12 +6,22 @@ provider cluster, the priority-group cluster specifier that lets the ext_proc ch
 attempt, and the retry policy that lets the ext_proc decide whether an attempt is retried. The
 header and metadata names it writes are the ones ``extproc.processor`` reads; both import them from
 here so they cannot drift. Users never hand-write clusters: ``python -m extproc envoy-config``.
+
+Provider clusters either sit in the bootstrap (static) or, with ``EnvoySettings.xds_dir``, in a
+file-based CDS document (``<xds_dir>/cds.yaml``) that the bootstrap points Envoy at; the ext_proc
+rewrites that file when the gateway config changes (``extproc.cds``), so new providers need no
+Envoy restart. The listener, route, ext_proc cluster and unrouted cluster are always static.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -42,6 +52,14 @@ UNROUTED_CLUSTER = "vmrouter_unrouted"
 """A cluster with no endpoints: the route's default when the ext_proc chose nothing."""
 EXTPROC_CLUSTER = "vmrouter_extproc"
 
+CDS_FILE = "cds.yaml"
+"""File name of the CDS document inside the xDS directory."""
+DEFAULT_XDS_DIR = "/var/run/vmrouter"
+"""Where deployments share the CDS document between the ext_proc and Envoy (an emptyDir in k8s)."""
+NODE_ID = "vmrouter"
+"""Envoy's node id and cluster: required by any xDS subscription, file-based ones included."""
+CLUSTER_TYPE_URL = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
 MAX_ATTEMPTS = 10
 """Upper bound of attempts per client request; the ext_proc lowers it per request."""
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
@@ -61,6 +79,9 @@ class EnvoySettings:
     body_limit_bytes: int = 32 * 1024 * 1024
     """Largest request body the router buffers; larger requests get 413."""
     ca_bundle: str = SYSTEM_CA_BUNDLE
+    xds_dir: str | None = None
+    """Directory of the file-based CDS document: provider clusters are dynamic (read by Envoy from
+    ``<xds_dir>/cds.yaml``, watched for atomic renames) when set, static in the bootstrap if not."""
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -256,10 +277,7 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
             },
         ],
     }
-    clusters: list[dict[str, Any]] = [
-        provider_cluster(p, settings)
-        for p in sorted(table.providers.values(), key=lambda p: p.name)
-    ]
+    clusters: list[dict[str, Any]] = [] if settings.xds_dir else provider_clusters(table, settings)
     clusters.append(
         {
             "name": UNROUTED_CLUSTER,
@@ -298,9 +316,23 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
             },
         }
     )
-    return {
-        "admin": {"address": _address(settings.admin_address, settings.admin_port)},
-        "static_resources": {
+    config: dict[str, Any] = {}
+    if settings.xds_dir:
+        config["node"] = {"id": NODE_ID, "cluster": NODE_ID}
+    config["admin"] = {"address": _address(settings.admin_address, settings.admin_port)}
+    if settings.xds_dir:
+        # Envoy reloads the file when an entry of the directory is renamed into place; our writer
+        # renames a finished temporary file over cds.yaml, so Envoy never reads a partial file.
+        config["dynamic_resources"] = {
+            "cds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": cds_path(settings.xds_dir),
+                    "watched_directory": {"path": settings.xds_dir},
+                },
+            }
+        }
+    config["static_resources"] = {
             "listeners": [
                 {
                     "name": "vmrouter",
@@ -318,9 +350,9 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
                     ],
                 }
             ],
-            "clusters": clusters,
-        },
+        "clusters": clusters,
     }
+    return config
 
 
 def render(table: RoutingTable, settings: EnvoySettings) -> str:

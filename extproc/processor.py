@@ -31,6 +31,8 @@ from extproc.envoy_config import (
     RETRY_HEADER,
 )
 from extproc.errors import GatewayError, InvalidRequest, error_body
+from extproc.health import HealthTracker, parse_retry_after
+from extproc.observe import Recorder, ResponseFacts
 from extproc.request import (
     MODELS_PATH,
     check_content_type,
@@ -39,10 +41,13 @@ from extproc.request import (
     split_path,
     target_body,
     upstream_path,
+    wants_usage_injection,
 )
 from extproc.routing.attempts import AttemptPlan, Step, build_slots
 from extproc.routing.model import Operation, Target
 from extproc.routing.table import RoutingDecision, RoutingTable, VirtualModel
+from extproc.sse import StreamObserver
+from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ def models_list_body(table: RoutingTable) -> bytes:
 
 
 class Runtime:
-    """Process-wide state the streams share: the current table and the in-flight requests."""
+    """Process-wide state the streams share: the table, the health model, in-flight requests."""
 
     def __init__(
         self,
@@ -75,20 +80,38 @@ class Runtime:
         *,
         rng: Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        health: HealthTracker | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        """Start serving ``table``; ``rng`` and ``clock`` are injectable for tests."""
+        """Start serving ``table``; ``rng``, ``clock``, health and telemetry are injectable."""
         self.rng = rng or Random()
         self.clock = clock
         self.requests: dict[str, RequestContext] = {}
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
+        self.telemetry = telemetry or Telemetry(prometheus=False)
+        self.health = health or HealthTracker(table.health_settings, clock=clock)
+        self.recorder = Recorder(self.health, self.telemetry, clock)
+        self.telemetry.watch_health(self._health_snapshot)
         self.table = table
         self.models_body = models_list_body(table)
+        self.health.register_windows(table.tpot_windows)
+
+    def _health_snapshot(self) -> dict[str, tuple[bool, int, float]]:
+        return self.health.snapshot()
 
     def swap(self, table: RoutingTable) -> None:
         """Serve a new table from the next request on; in-flight requests keep their decisions."""
+        self.health.settings = table.health_settings
+        self.health.register_windows(table.tpot_windows)
         self.models_body = models_list_body(table)
         self.table = table
+
+    def reset_health(self) -> None:
+        """Forget every target's health (an operator action; also used between tests)."""
+        self.health = HealthTracker(self.table.health_settings, clock=self.clock)
+        self.health.register_windows(self.table.tpot_windows)
+        self.recorder.health = self.health
 
     def new_request_id(self) -> str:
         """A process-unique id for correlating the streams of one request."""
@@ -107,8 +130,13 @@ class RequestContext:
     client_headers: dict[str, str]
     stream: bool
     plan: AttemptPlan
+    operation: Operation = "chat"
     managed_headers: frozenset[str] = field(default_factory=frozenset)
     """Header names any target sets or removes: restored from the client's request per attempt."""
+    inject_usage: bool = False
+    """The client streams without asking for usage: we ask upstream and strip the usage chunk."""
+    span: Any = None
+    """The request's trace span while it is open."""
 
     @property
     def virtual_model(self) -> VirtualModel:
@@ -141,11 +169,38 @@ class RouterStream:
         self.query = ""
         self.context: RequestContext | None = None
         self.answered_locally = False
+        self.observer: StreamObserver | None = None
+        self.finished = False
 
     def close(self) -> None:
-        """Forget the request once its router stream ends."""
-        if self.context is not None:
-            self.runtime.requests.pop(self.context.request_id, None)
+        """Report what is left and forget the request once its router stream ends."""
+        context = self.context
+        if context is None:
+            return
+        if not self.finished:
+            self._finish(context, completed=False)
+        self.runtime.requests.pop(context.request_id, None)
+
+    def _finish(
+        self,
+        context: RequestContext,
+        *,
+        completed: bool,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        response_model: str | None = None,
+    ) -> None:
+        self.finished = True
+        observer = self.observer
+        facts = ResponseFacts(
+            completed=completed,
+            ended_at=self.runtime.clock(),
+            prompt_tokens=observer.prompt_tokens if observer else prompt_tokens,
+            completion_tokens=observer.completion_tokens if observer else completion_tokens,
+            first_token_at=observer.first_token_at if observer else None,
+            response_model=response_model,
+        )
+        self.runtime.recorder.finished(context, facts)
 
     def handle(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
         """Answer one message of the router stream."""
@@ -190,7 +245,7 @@ class RouterStream:
     def _request_body(self, message: Any) -> envoy.ProcessingResponse:
         body, model = parse_body(message.body)
         runtime = self.runtime
-        decision = runtime.table.resolve(model, self.operation, runtime.rng)
+        decision = runtime.table.resolve(model, self.operation, runtime.rng, runtime.health)
         slots = build_slots(decision.plan, MAX_ATTEMPTS)
         request_id = runtime.new_request_id()
         managed: set[str] = {"authorization"}
@@ -208,10 +263,13 @@ class RouterStream:
             },
             stream=body.get("stream") is True,
             plan=AttemptPlan(slots=slots),
+            operation=self.operation,
             managed_headers=frozenset(managed),
+            inject_usage=wants_usage_injection(body, self.operation),
         )
         runtime.requests[request_id] = context
         self.context = context
+        runtime.recorder.decided(context)
         return envoy.request_body_response(
             set_headers=[
                 ("x-envoy-max-retries", str(len(slots) - 1)),
@@ -251,44 +309,86 @@ class RouterStream:
         elif last is not None and not plan.done and status >= 500:
             # The plan wanted another attempt that never reached us: its connection failed.
             plan.failed_without_response(last.attempt + 1, self.runtime.clock(), status)
+        self.runtime.recorder.settled_failures(context)
         body_mode = None
-        if (context.stream and 200 <= status < 300) or message.end_of_stream:
-            body_mode = envoy.BODY_NONE
+        remove = [RETRY_HEADER]
+        if message.end_of_stream:
+            self._finish(context, completed=True)
+        elif context.stream and 200 <= status < 300:
+            # Stream the body through us chunk by chunk: nothing is buffered, and we can read the
+            # first-token time and the usage chunk (and strip it if we asked for it).
+            body_mode = envoy.BODY_STREAMED
+            remove.append("content-length")
+            self.observer = StreamObserver(strip_usage=context.inject_usage)
         return envoy.response_headers_response(
             set_headers=self._gateway_headers(context),
-            remove_headers=[RETRY_HEADER],
+            remove_headers=remove,
             body_mode=body_mode,
         )
 
     def _response_body(self, message: Any) -> envoy.ProcessingResponse:
         context = self.context
-        if context is None or not message.end_of_stream:
+        if context is None or self.finished:
             return envoy.response_body_response()
-        body = bytes(message.body)
-        served, replacement = _inspect_response(body, context)
-        set_headers = [(HEADER_SERVED_MODEL, served)] if served else None
-        return envoy.response_body_response(set_headers=set_headers, replace_body=replacement)
+        observer = self.observer
+        if observer is not None:
+            now = self.runtime.clock()
+            replacement = observer.feed(bytes(message.body), now)
+            if message.end_of_stream:
+                tail = observer.finish()
+                if tail:
+                    replacement = (replacement if replacement is not None else message.body) + tail
+                self._finish(context, completed=True)
+            return envoy.response_body_response(replace_body=replacement, streamed=True)
+        if not message.end_of_stream:
+            return envoy.response_body_response()
+        inspected = _inspect_response(bytes(message.body), context)
+        self._finish(
+            context,
+            completed=True,
+            prompt_tokens=inspected.prompt_tokens,
+            completion_tokens=inspected.completion_tokens,
+            response_model=inspected.served_model,
+        )
+        set_headers = (
+            [(HEADER_SERVED_MODEL, inspected.served_model)] if inspected.served_model else None
+        )
+        return envoy.response_body_response(
+            set_headers=set_headers, replace_body=inspected.replacement
+        )
 
 
-def _inspect_response(body: bytes, context: RequestContext) -> tuple[str | None, bytes | None]:
-    """The served model named by a buffered response, and an OpenAI-shaped error if needed."""
+@dataclass(frozen=True, slots=True)
+class _Inspected:
+    served_model: str | None
+    replacement: bytes | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+def _inspect_response(body: bytes, context: RequestContext) -> _Inspected:
+    """Read a buffered response once: served model, usage, and an OpenAI-shaped error if needed."""
     last = context.plan.last
     status = last.status if last is not None and last.status is not None else 200
     try:
         decoded = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         decoded = None
-    served = None
-    if isinstance(decoded, dict) and isinstance(decoded.get("model"), str) and decoded["model"]:
-        served = decoded["model"]
-    if status < 400:
-        return served, None
-    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
-        return served, None
-    target = last.target.key if last is not None else "upstream"
-    text = body.decode("utf-8", "replace").strip()[:500] or "no body"
-    message = f"{target} answered {status}: {text}"
-    return served, error_body(message, "upstream_error", status)
+    served = prompt = completion = None
+    if isinstance(decoded, dict):
+        model = decoded.get("model")
+        served = model if isinstance(model, str) and model else None
+        usage = decoded.get("usage")
+        if isinstance(usage, dict):
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            prompt = p if isinstance(p, int) else None
+            completion = c if isinstance(c, int) else None
+    replacement = None
+    if status >= 400 and not (isinstance(decoded, dict) and isinstance(decoded.get("error"), dict)):
+        target = last.target.key if last is not None else "upstream"
+        text = body.decode("utf-8", "replace").strip()[:500] or "no body"
+        replacement = error_body(f"{target} answered {status}: {text}", "upstream_error", status)
+    return _Inspected(served, replacement, prompt, completion)
 
 
 class _MethodNotAllowed(GatewayError):
@@ -352,8 +452,9 @@ class UpstreamStream:
         target = plan.slots[plan.schedule[self.attempt]]
         if delay > 0:
             await asyncio.sleep(delay)
-        context.plan.mark_sent()
-        body = target_body(context.body, target)
+        context.plan.mark_sent(self.runtime.clock())
+        self.runtime.recorder.settled_failures(context)
+        body = target_body(context.body, target, include_usage=context.inject_usage)
         set_headers, remove_headers = _attempt_headers(context, target)
         return envoy.request_headers_response(
             set_headers=set_headers,
@@ -372,7 +473,14 @@ class UpstreamStream:
         except ValueError:
             status = 502
         plan = context.plan
-        if not plan.outcome(self.attempt, status):
+        again = plan.outcome(self.attempt, status)
+        record = plan.last
+        if record is not None and record.attempt == self.attempt:
+            record.headers_at = self.runtime.clock()
+            if status == 429:
+                record.retry_after_s = parse_retry_after(headers.get("retry-after"))
+        self.runtime.recorder.settled_failures(context)
+        if not again:
             return envoy.response_headers_response()
         return envoy.response_headers_response(
             set_headers=[(RETRY_HEADER, "1")], dynamic_metadata=attempt_groups(plan)

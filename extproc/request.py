@@ -74,15 +74,31 @@ def parse_body(body: bytes) -> tuple[dict[str, Any], str]:
     return decoded, model
 
 
-def target_body(original: Mapping[str, Any], target: Target) -> bytes:
+def wants_usage_injection(body: Mapping[str, Any], operation: str) -> bool:
+    """Whether a streamed request lacks ``stream_options.include_usage`` (we then ask for it)."""
+    if operation == "embedding" or body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
+def target_body(
+    original: Mapping[str, Any], target: Target, *, include_usage: bool = False
+) -> bytes:
     """The body one target receives: the client's body, model renamed, override params merged.
 
     Built from the client's original body for every attempt, never from an earlier rewrite.
     Unknown fields pass through; the target's ``override_params`` win over the client's values.
+    ``include_usage`` adds ``stream_options.include_usage`` so the stream reports its tokens.
     """
     body = dict(original)
     body.update(target.override_params)
     body["model"] = target.model.upstream_model
+    if include_usage:
+        options = body.get("stream_options")
+        merged = dict(options) if isinstance(options, dict) else {}
+        merged["include_usage"] = True
+        body["stream_options"] = merged
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -45,6 +45,12 @@ class AttemptRecord:
     """What ``x-gateway-attempts`` shows: the status, or ``connect-error``/``timeout``."""
     sent: bool = False
     """Whether the upstream ext_proc released the attempt to the provider."""
+    sent_at: float | None = None
+    headers_at: float | None = None
+    """When the response headers arrived."""
+    retry_after_s: float | None = None
+    reported: bool = False
+    """Whether health and telemetry have seen this attempt."""
 
 
 def build_slots(plan: tuple[Target, ...], max_attempts: int) -> tuple[Target, ...]:
@@ -115,10 +121,11 @@ class AttemptPlan:
         self.records.append(record)
         self._settle(record, status)
 
-    def mark_sent(self) -> None:
+    def mark_sent(self, now: float) -> None:
         """The current attempt left for the provider."""
         if self.records:
             self.records[-1].sent = True
+            self.records[-1].sent_at = now
 
     def outcome(self, attempt: int, status: int) -> bool:
         """Record a response status for ``attempt``; return whether another attempt follows."""

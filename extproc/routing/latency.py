@@ -1,7 +1,9 @@
-"""Latency-based routing.
+"""Latency-based routing: the fastest targets by time per output token share the traffic.
 
-Until the health model records time per output token, every target counts as unmeasured and
-unmeasured targets share traffic evenly, which is what the strategy does with no samples.
+Targets with fewer than ``min_samples`` samples in the window come first (in random order) so
+that new or recovered targets get measured. Otherwise every target whose mean time per output
+token is within ``band`` times the fastest counts as equally fast: they come first in random order,
+the slower ones follow, fastest first.
 """
 
 from __future__ import annotations
@@ -10,15 +12,41 @@ from collections.abc import Sequence
 from random import Random
 
 from extproc.routing.model import Target
+from extproc.routing.strategy import HealthView
 
 
 class LatencyStrategy:
-    """Fastest first; with no samples yet, a uniform random order."""
+    """Fastest first, with a tie band and exploration of unmeasured targets."""
 
     name = "latency-based-routing"
 
-    def order(self, targets: Sequence[Target], rng: Random) -> list[Target]:
-        """Return the targets in a uniformly random order (no latency samples yet)."""
-        ordered = list(targets)
-        rng.shuffle(ordered)
-        return ordered
+    def __init__(self, window_s: float = 1200.0, band: float = 1.2, min_samples: int = 3) -> None:
+        """Configure the window (s), the tie band (factor) and the exploration threshold."""
+        self.window_s = window_s
+        self.band = band
+        self.min_samples = min_samples
+
+    def scores(
+        self, targets: Sequence[Target], health: HealthView
+    ) -> list[tuple[Target, float | None, int]]:
+        """Each target's mean TPOT (s) over the window and its sample count."""
+        return [(t, *health.tpot(t.key, self.window_s)) for t in targets]
+
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
+        """Unmeasured targets first, then the fast band, then the rest by speed."""
+        unmeasured: list[Target] = []
+        measured: list[tuple[float, int, Target]] = []
+        for index, (target, mean, count) in enumerate(self.scores(targets, health)):
+            if mean is None or count < self.min_samples:
+                unmeasured.append(target)
+            else:
+                measured.append((mean, index, target))
+        rng.shuffle(unmeasured)
+        measured.sort(key=lambda item: (item[0], item[1]))
+        if not measured:
+            return unmeasured
+        limit = measured[0][0] * self.band
+        fast = [t for mean, _, t in measured if mean <= limit]
+        slow = [t for mean, _, t in measured if mean > limit]
+        rng.shuffle(fast)
+        return unmeasured + fast + slow

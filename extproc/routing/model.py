@@ -72,6 +72,10 @@ class Target:
     """Lower-cased header names with their values."""
     headers_remove: tuple[str, ...]
     metadata_match: Mapping[str, str]
+    sla_cutoff_s: float | None = None
+    """Mean time per output token (s) above which the target is skipped."""
+    sla_window_s: float = 180.0
+    """Window of that mean."""
 
     @property
     def key(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from random import Random
 
 from extproc.routing.model import Target
+from extproc.routing.strategy import HealthView
 
 
 class PriorityStrategy:
@@ -13,7 +14,7 @@ class PriorityStrategy:
 
     name = "priority-based-routing"
 
-    def order(self, targets: Sequence[Target], rng: Random) -> list[Target]:
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Sort by priority, breaking ties with a per-request random key."""
         keyed = [(t.priority, rng.random(), i) for i, t in enumerate(targets)]
         keyed.sort()

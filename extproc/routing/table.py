@@ -17,11 +17,12 @@ from random import Random
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from extproc.config import GatewayConfig, ProviderConfig, TargetConfig
+from extproc.config import GatewayConfig, HealthConfig, ProviderConfig, TargetConfig
+from extproc.health import HealthSettings
 from extproc.errors import UnknownModel, UnsupportedOperation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
 from extproc.routing.priority import PriorityStrategy
-from extproc.routing.strategy import Strategy, build_strategy
+from extproc.routing.strategy import NO_HEALTH, HealthView, Strategy, build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,22 @@ class RoutingTable:
         models: Mapping[str, VirtualModel],
         providers: Mapping[str, Provider],
         first_byte_timeout_ms: int = 120_000,
+        sla_probe_ratio: float = 0.05,
+        health_settings: HealthSettings | None = None,
     ):
         """Wrap prebuilt indexes; use ``compile_table`` to build one from a config."""
         self._models = dict(models)
+        self.health_settings = health_settings or HealthSettings()
         self.first_byte_timeout_ms = first_byte_timeout_ms
+        self.sla_probe_ratio = sla_probe_ratio
+        windows: set[float] = set()
+        for vm in models.values():
+            windows.update(t.sla_window_s for t in vm.targets if t.sla_cutoff_s is not None)
+            window = getattr(vm.strategy, "window_s", None)
+            if isinstance(window, float | int):
+                windows.add(float(window))
+        self.tpot_windows: frozenset[float] = frozenset(windows)
+        """Every TPOT window length routing will ask the health model about."""
         self.providers: Mapping[str, Provider] = MappingProxyType(dict(providers))
         self.virtual_models: tuple[VirtualModel, ...] = tuple(
             {id(vm): vm for vm in models.values() if vm.is_virtual}.values()
@@ -83,8 +96,20 @@ class RoutingTable:
         """Find a virtual model by ``group/name`` or slug, or a catalog model ``provider/model``."""
         return self._models.get(name)
 
-    def resolve(self, name: str, operation: Operation, rng: Random) -> RoutingDecision:
-        """Resolve a requested model name for an operation into a plan of targets."""
+    def resolve(
+        self,
+        name: str,
+        operation: Operation,
+        rng: Random,
+        health: HealthView = NO_HEALTH,
+    ) -> RoutingDecision:
+        """Resolve a requested model name for an operation into a plan of targets.
+
+        Targets in cooldown or over their SLA cutoff are filtered out before the strategy runs (a
+        weighted strategy then spreads their weight over the rest). They stay in the plan as last
+        resort fallbacks, least bad first. If every target is filtered out the request still goes
+        out, to the least bad target.
+        """
         vm = self._models.get(name)
         if vm is None:
             raise UnknownModel(f"The model '{name}' does not exist on this gateway.", param="model")
@@ -94,9 +119,28 @@ class RoutingTable:
                 f" (it serves: {', '.join(sorted(vm.model_types))}).",
                 param="model",
             )
-        ordered = vm.strategy.order(vm.targets, rng)
+        eligible: list[Target] = []
+        held: list[Target] = []
+        for target in vm.targets:
+            if self._usable(target, health, rng):
+                eligible.append(target)
+            else:
+                held.append(target)
+        held.sort(key=lambda t: (health.cooldown_remaining(t.key), health.failures(t.key)))
+        ordered = [*vm.strategy.order(eligible, health, rng), *held] if eligible else held
         plan = (ordered[0], *(t for t in ordered[1:] if t.fallback_candidate))
         return RoutingDecision(virtual_model=vm, plan=plan)
+
+    def _usable(self, target: Target, health: HealthView, rng: Random) -> bool:
+        if not health.available(target.key):
+            return False
+        if target.sla_cutoff_s is None:
+            return True
+        mean, _ = health.tpot(target.key, target.sla_window_s)
+        if mean is None or mean <= target.sla_cutoff_s:
+            return True
+        # Over its SLA: skipped, except for a small probe share that keeps measuring it.
+        return rng.random() < self.sla_probe_ratio
 
     def names(self) -> list[str]:
         """Every name a client may send, sorted."""
@@ -159,6 +203,8 @@ def _compile_target(cfg: TargetConfig, model: CatalogModel) -> Target:
         headers_set=tuple((k.lower(), v) for k, v in cfg.headers_override.set.items()),
         headers_remove=tuple(h.lower() for h in cfg.headers_override.remove),
         metadata_match=MappingProxyType(dict(cfg.metadata_match)),
+        sla_cutoff_s=(cfg.sla_cutoff.time_per_output_token_ms / 1000.0 if cfg.sla_cutoff else None),
+        sla_window_s=cfg.sla_cutoff.window_seconds if cfg.sla_cutoff else 180.0,
     )
 
 
@@ -223,4 +269,23 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
             models[vm.name] = vm
             if vm.slug:
                 models[vm.slug] = vm
-    return RoutingTable(models, providers, config.gateway.first_byte_timeout_ms)
+    return RoutingTable(
+        models,
+        providers,
+        config.gateway.first_byte_timeout_ms,
+        config.gateway.health.sla_probe_ratio,
+        health_settings(config.gateway.health),
+    )
+
+
+def health_settings(cfg: HealthConfig) -> HealthSettings:
+    """The health model's settings from the ``gateway.health`` config block."""
+    return HealthSettings(
+        consecutive_failures=cfg.consecutive_failures,
+        failure_rate=cfg.failure_rate,
+        failure_rate_min_requests=cfg.failure_rate_min_requests,
+        failure_window_s=cfg.failure_window_seconds,
+        cooldown_base_s=cfg.cooldown_seconds,
+        cooldown_max_s=cfg.max_cooldown_seconds,
+        retry_after_max_s=cfg.max_retry_after_seconds,
+    )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from random import Random
 
 from extproc.routing.model import Target
+from extproc.routing.strategy import HealthView
 
 
 class WeightedStrategy:
@@ -13,7 +14,7 @@ class WeightedStrategy:
 
     name = "weight-based-routing"
 
-    def order(self, targets: Sequence[Target], rng: Random) -> list[Target]:
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Draw targets one by one in proportion to their weights."""
         pool = [t for t in targets if t.weight > 0]
         rest = [t for t in targets if t.weight <= 0]

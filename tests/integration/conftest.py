@@ -119,5 +119,8 @@ def gw(stack: Stack) -> Iterator[Stack]:
 
 
 @pytest.fixture()
-def client(gw: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.base_url, api_key="client-key", max_retries=0, timeout=30)
+def client(gw: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=gw.base_url, api_key="client-key", max_retries=0, timeout=30
+    ) as c:
+        yield c

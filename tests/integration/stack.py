@@ -153,9 +153,10 @@ class Stack:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def reset(self) -> None:
-        """Clear every upstream's script, default behaviour and records."""
+        """Clear every upstream's script, default behaviour and records, and all target health."""
         for upstream in self.upstreams.values():
             self.call(upstream.reset)
+        self.call(self.runtime.reset_health)
 
     def script(self, name: str, *steps: dict[str, Any]) -> None:
         """Queue scripted responses on one upstream."""

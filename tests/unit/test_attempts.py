@@ -94,7 +94,7 @@ def _send(plan: AttemptPlan, attempt: int, now: float = 0.0) -> float:
     """Begin ``attempt``, assert it goes upstream, mark it sent and return its delay."""
     step, delay = plan.begin(attempt, now)
     assert step is Step.SEND
-    plan.mark_sent()
+    plan.mark_sent(0.0)
     return delay
 
 
@@ -144,7 +144,7 @@ def test_attempt_plan_first_attempt_goes_to_first_slot_without_delay() -> None:
     assert (record.attempt, record.slot, record.target.key, record.started) == (0, 0, "pa/m", 5.0)
     assert record.status is None
     assert not record.sent
-    plan.mark_sent()
+    plan.mark_sent(0.0)
     assert record.sent
     assert plan.summary() == "pa/m:pending"
 

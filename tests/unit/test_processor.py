@@ -746,14 +746,15 @@ def test_router_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> Non
     assert_passthrough(final, "response_body")
 
 
-def test_router_stream_stream_request_stops_response_body_processing(runtime: Runtime) -> None:
+def test_router_stream_stream_request_streams_the_body_through(runtime: Runtime) -> None:
     body = json_body(model="prod-chat", messages=[], stream=True)
     router, reply = start(runtime, body)
     upstream, _ = attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
     final = router_status(router, 200)
     assert final.HasField("mode_override")
-    assert final.mode_override.response_body_mode == envoy.BODY_NONE
+    assert final.mode_override.response_body_mode == envoy.BODY_STREAMED
+    assert "content-length" in final.response_headers.response.header_mutation.remove_headers
     assert set_headers(final)["x-gateway-target"] == "openai/gpt-4o"
 
 

@@ -1,0 +1,227 @@
+"""The health model: what every attempt's outcome says about its target.
+
+This module owns per-target state fed by ``observe`` (one ``Outcome`` per attempt): time-per-
+output-token samples in sliding windows (for latency-based routing and SLA cutoffs), and failure
+health (consecutive failures, failure rate, cooldown with exponential backoff, ``Retry-After``).
+It is one component with an injected clock, shared by all strategies. It decides nothing about a
+request: ``routing.table`` reads it through the ``HealthView`` protocol. State lives in memory in
+one process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+FAILURE_STATUSES = frozenset({401, 403, 404, 408, 429})
+"""Client-error statuses that still say the target is unusable (auth, missing model, rate limit)."""
+MAX_SAMPLES = 50_000
+"""Per target and window: a bound on memory under heavy traffic (oldest samples go first)."""
+
+
+def is_failure(status: int | None) -> bool:
+    """Whether an attempt's status counts against its target's health (None: no response)."""
+    return status is None or status >= 500 or status in FAILURE_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Failure-health tuning (``gateway.health`` in the config)."""
+
+    consecutive_failures: int = 3
+    """Consecutive failed attempts that put a target into cooldown."""
+    failure_rate: float = 0.5
+    """Failure share within ``failure_window_s`` that puts a target into cooldown..."""
+    failure_rate_min_requests: int = 10
+    """...once the window holds at least this many attempts."""
+    failure_window_s: float = 60.0
+    cooldown_base_s: float = 5.0
+    """First cooldown; each further cooldown without a success in between doubles it."""
+    cooldown_max_s: float = 300.0
+    retry_after_max_s: float = 600.0
+    """Cap on a cooldown taken from a 429's ``Retry-After``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt on one target produced."""
+
+    target: str
+    status: int | None
+    """HTTP status, or None when no response arrived (connection failure, timeout, reset)."""
+    ttfb_s: float | None = None
+    duration_s: float | None = None
+    output_tokens: int | None = None
+    tpot_s: float | None = None
+    """Time per output token, when the attempt succeeded and produced tokens."""
+    retry_after_s: float | None = None
+
+
+class _Window:
+    """Samples within a sliding time window, with a running sum (amortised O(1) queries)."""
+
+    __slots__ = ("length", "samples", "total")
+
+    def __init__(self, length: float) -> None:
+        self.length = length
+        self.samples: deque[tuple[float, float]] = deque()
+        self.total = 0.0
+
+    def add(self, now: float, value: float) -> None:
+        self.samples.append((now, value))
+        self.total += value
+        if len(self.samples) > MAX_SAMPLES:
+            self.total -= self.samples.popleft()[1]
+
+    def expire(self, now: float) -> None:
+        horizon = now - self.length
+        samples = self.samples
+        while samples and samples[0][0] <= horizon:
+            self.total -= samples.popleft()[1]
+        if not samples:
+            self.total = 0.0
+
+    def mean(self, now: float) -> tuple[float | None, int]:
+        self.expire(now)
+        count = len(self.samples)
+        return (self.total / count if count else None), count
+
+
+@dataclass(slots=True)
+class TargetHealth:
+    """Everything known about one target."""
+
+    tpot: dict[float, _Window] = field(default_factory=dict)
+    outcomes: _Window | None = None
+    """1.0 per failure, 0.0 per success, over the failure window."""
+    consecutive_failures: int = 0
+    cooldown_until: float = 0.0
+    cooldown_level: int = 0
+    last_failure: float = -math.inf
+
+
+class HealthTracker:
+    """Per-target health, fed by attempt outcomes, read by routing."""
+
+    def __init__(
+        self,
+        settings: HealthSettings | None = None,
+        clock: Callable[[], float] | None = None,
+        windows: Iterable[float] = (),
+    ) -> None:
+        """Track with ``settings``; ``windows`` are the TPOT window lengths (s) routing asks for."""
+        import time
+
+        self.settings = settings or HealthSettings()
+        self.clock = clock or time.monotonic
+        self._windows: set[float] = set(windows)
+        self._targets: dict[str, TargetHealth] = {}
+
+    def register_windows(self, windows: Iterable[float]) -> None:
+        """Also keep TPOT samples for these window lengths (called when a config is compiled)."""
+        new = set(windows) - self._windows
+        self._windows |= new
+        for state in self._targets.values():
+            for length in new:
+                state.tpot.setdefault(length, _Window(length))
+
+    def _state(self, key: str) -> TargetHealth:
+        state = self._targets.get(key)
+        if state is None:
+            state = TargetHealth(
+                tpot={w: _Window(w) for w in self._windows},
+                outcomes=_Window(self.settings.failure_window_s),
+            )
+            self._targets[key] = state
+        return state
+
+    def observe(self, outcome: Outcome) -> None:
+        """Fold one attempt's outcome into its target's state."""
+        now = self.clock()
+        state = self._state(outcome.target)
+        assert state.outcomes is not None
+        if is_failure(outcome.status):
+            self._fail(state, now, outcome)
+            return
+        state.outcomes.add(now, 0.0)
+        state.consecutive_failures = 0
+        state.cooldown_level = 0
+        if outcome.tpot_s is not None and outcome.tpot_s >= 0:
+            for window in state.tpot.values():
+                window.add(now, outcome.tpot_s)
+
+    def _fail(self, state: TargetHealth, now: float, outcome: Outcome) -> None:
+        settings = self.settings
+        assert state.outcomes is not None
+        state.outcomes.add(now, 1.0)
+        state.consecutive_failures += 1
+        state.last_failure = now
+        if outcome.status == 429 and outcome.retry_after_s is not None:
+            until = now + min(max(outcome.retry_after_s, 0.0), settings.retry_after_max_s)
+            state.cooldown_until = max(state.cooldown_until, until)
+            return
+        rate, count = state.outcomes.mean(now)
+        tripped = state.consecutive_failures >= settings.consecutive_failures or (
+            count >= settings.failure_rate_min_requests
+            and rate is not None
+            and rate >= settings.failure_rate
+        )
+        if tripped:
+            length = min(
+                settings.cooldown_base_s * (2**state.cooldown_level), settings.cooldown_max_s
+            )
+            state.cooldown_level += 1
+            state.cooldown_until = max(state.cooldown_until, now + length)
+
+    # --- the HealthView protocol -------------------------------------------------------------
+
+    def cooldown_remaining(self, key: str) -> float:
+        """Seconds until the target leaves cooldown (0 when it is available)."""
+        state = self._targets.get(key)
+        if state is None:
+            return 0.0
+        return max(0.0, state.cooldown_until - self.clock())
+
+    def available(self, key: str) -> bool:
+        """Whether the target is out of cooldown."""
+        return self.cooldown_remaining(key) <= 0.0
+
+    def tpot(self, key: str, window_s: float) -> tuple[float | None, int]:
+        """Mean time per output token (s) over the last ``window_s`` seconds, and sample count."""
+        state = self._targets.get(key)
+        if state is None:
+            return None, 0
+        window = state.tpot.get(window_s)
+        if window is None:
+            return None, 0
+        return window.mean(self.clock())
+
+    def failures(self, key: str) -> int:
+        """Consecutive failures of the target."""
+        state = self._targets.get(key)
+        return state.consecutive_failures if state is not None else 0
+
+    def snapshot(self) -> dict[str, tuple[bool, int, float]]:
+        """For every known target: (available, consecutive failures, cooldown seconds left)."""
+        now = self.clock()
+        return {
+            key: (
+                state.cooldown_until <= now,
+                state.consecutive_failures,
+                max(0.0, state.cooldown_until - now),
+            )
+            for key, state in self._targets.items()
+        }
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds; HTTP dates are ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
