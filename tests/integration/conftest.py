@@ -13,6 +13,8 @@ TEMPLATE = """
 gateway:
   attempt_timeout_ms: 30000
   first_byte_timeout_ms: 20000
+  health:
+    sla_probe_ratio: 0.0
 providers:
   - name: a
     type: openai-compatible
@@ -89,6 +91,28 @@ virtual_model_groups:
           load_balance_targets:
             - {{target: a/m1, priority: 0, retry_config: {{attempts: 1}}}}
             - {{target: b/m1, priority: 1}}
+      - name: latency
+        routing_config:
+          type: latency-based-routing
+          window_seconds: 4
+          min_samples: 2
+          band: 1.5
+          load_balance_targets:
+            - {{target: a/m1, retry_config: {{attempts: 1}}}}
+            - {{target: b/m1, retry_config: {{attempts: 1}}}}
+      - name: sla
+        routing_config:
+          type: priority-based-routing
+          load_balance_targets:
+            - target: a/m1
+              priority: 0
+              sla_cutoff: {{time_per_output_token_ms: 30, window_seconds: 3}}
+            - {{target: b/m1, priority: 1}}
+      - name: metrics
+        routing_config:
+          type: priority-based-routing
+          load_balance_targets:
+            - {{target: a/m1, priority: 0}}
       - name: embed
         model_types: [embedding]
         routing_config:
@@ -120,7 +144,5 @@ def gw(stack: Stack) -> Iterator[Stack]:
 
 @pytest.fixture()
 def client(gw: Stack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(
-        base_url=gw.base_url, api_key="client-key", max_retries=0, timeout=30
-    ) as c:
+    with openai.OpenAI(base_url=gw.base_url, api_key="client-key", max_retries=0, timeout=30) as c:
         yield c

@@ -26,9 +26,11 @@ from aiohttp import web
 from extproc.config import parse_config
 from extproc.demo.upstream import FakeUpstream
 from extproc.envoy_config import EnvoySettings, render
+from extproc.metrics_http import start_metrics_server
 from extproc.processor import Runtime
 from extproc.routing.table import compile_table
 from extproc.server import RunningServer, start_server
+from extproc.telemetry import Telemetry
 
 T = TypeVar("T")
 
@@ -93,8 +95,12 @@ class Stack:
         self.ports["port_dead"] = free_port()
         self.config_text = template.format(**self.ports)
         self.table = compile_table(parse_config(self.config_text), environ=env)
-        self.runtime = Runtime(self.table)
+        self.runtime = Runtime(self.table, telemetry=Telemetry())
         self.server = self.run(start_server(self.runtime, "127.0.0.1:0"))
+        metrics_runner, self.metrics_port = self.run(
+            start_metrics_server(self.runtime.telemetry, "127.0.0.1", 0)
+        )
+        self._runners.append(metrics_runner)
         self.port = free_port()
         self.admin_port = free_port()
         settings = EnvoySettings(
@@ -146,6 +152,12 @@ class Stack:
         """The last lines Envoy printed."""
         path = self.workdir / "envoy.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def metrics(self) -> str:
+        """The ext_proc's Prometheus endpoint text."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
 
     @property
     def base_url(self) -> str:
