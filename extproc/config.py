@@ -48,6 +48,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class ModelPrice(_Model):
+    """Price of a model in currency units per million tokens."""
+
+    input: float = Field(ge=0)
+    """Per million input (prompt) tokens."""
+    output: float = Field(ge=0)
+    """Per million output (completion) tokens."""
+
+
 class CatalogModelConfig(_Model):
     """One model a provider serves, addressed in targets as ``<provider>/<name>``."""
 
@@ -57,6 +66,8 @@ class CatalogModelConfig(_Model):
     """The model name sent upstream (modelNameOverride); defaults to ``name``."""
     model_types: list[ModelType] = Field(default_factory=_chat_only)
     """Operations this model serves; defaults to chat only."""
+    price: ModelPrice | None = None
+    """Price per million tokens, used by lowest-price routing."""
 
 
 class ProviderConfig(_Model):
@@ -165,6 +176,42 @@ class WeightBasedRouting(_RoutingBase):
     type: Literal["weight-based-routing"]
 
 
+class RoundRobinRouting(_RoutingBase):
+    """Rotate over the healthy targets in order."""
+
+    type: Literal["round-robin-routing", "round-robin"]
+
+
+class LeastBusyRouting(_RoutingBase):
+    """Prefer the target with the fewest requests in flight from this gateway."""
+
+    type: Literal["least-busy-routing", "least-busy"]
+
+
+class LowestUsageRouting(_RoutingBase):
+    """Prefer the target that used the fewest tokens over a recent window."""
+
+    type: Literal["lowest-usage-routing", "lowest-usage"]
+    window_seconds: float = Field(default=60, gt=0, le=86_400)
+    """Window over which input and output tokens are summed."""
+
+
+class LowestPriceRouting(_RoutingBase):
+    """Prefer the cheapest target (the catalog model's ``price``); ties go by weight."""
+
+    type: Literal["lowest-price-routing", "lowest-price"]
+
+
+class HighestThroughputRouting(_RoutingBase):
+    """Prefer the target with the most output tokens per second over a recent window."""
+
+    type: Literal["highest-throughput-routing", "highest-throughput"]
+    window_seconds: float = Field(default=1200, gt=0, le=86_400)
+    """Window of the throughput samples."""
+    min_samples: int = Field(default=3, ge=0, le=10_000)
+    """Targets with fewer samples are tried first, so that they get measured."""
+
+
 class PriorityBasedRouting(_RoutingBase):
     """Pick the lowest priority number; equal priorities share traffic evenly."""
 
@@ -183,8 +230,58 @@ class LatencyBasedRouting(_RoutingBase):
     """Targets with fewer samples in the window are preferred, so that they get measured."""
 
 
+TargetRoutingConfig = Annotated[
+    WeightBasedRouting
+    | PriorityBasedRouting
+    | LatencyBasedRouting
+    | RoundRobinRouting
+    | LeastBusyRouting
+    | LowestUsageRouting
+    | LowestPriceRouting
+    | HighestThroughputRouting,
+    Field(discriminator="type"),
+]
+"""A strategy over a list of targets."""
+
+
+class Category(_Model):
+    """One category of category-based routing: conditions on the request, and its own routing."""
+
+    name: str
+    """Category name; exactly one category must be called ``default`` and have no conditions."""
+    keywords: list[str] = Field(default_factory=list)
+    """Matches when the last user message contains any of these words (case-insensitive)."""
+    patterns: list[str] = Field(default_factory=list)
+    """Matches when any of these regular expressions is found in the last user message."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    """Also requires every key to match the request metadata."""
+    routing_config: TargetRoutingConfig
+    """Targets and strategy for requests in this category."""
+
+
+class CategoryBasedRouting(_Model):
+    """Sort requests into categories by their content and metadata; each has its own routing."""
+
+    type: Literal["category-based-routing", "category-based"]
+    categories: list[Category] = Field(min_length=1)
+    """Checked in order; the first whose conditions hold wins, else ``default``."""
+    sticky_routing: StickyRouting | None = None
+    """Optional session affinity."""
+    attempt_timeout_ms: int | None = Field(default=None, ge=100, le=3_600_000)
+    """Upper bound for one attempt, the whole response included; the gateway default if unset."""
+
+
 RoutingConfig = Annotated[
-    WeightBasedRouting | PriorityBasedRouting | LatencyBasedRouting, Field(discriminator="type")
+    WeightBasedRouting
+    | PriorityBasedRouting
+    | LatencyBasedRouting
+    | RoundRobinRouting
+    | LeastBusyRouting
+    | LowestUsageRouting
+    | LowestPriceRouting
+    | HighestThroughputRouting
+    | CategoryBasedRouting,
+    Field(discriminator="type"),
 ]
 
 
@@ -231,8 +328,23 @@ class HealthConfig(_Model):
     """Share of requests that still try a target over its SLA cutoff, to measure its recovery."""
 
 
+class StateConfig(_Model):
+    """Where state shared by replicas lives (sticky sessions, health, latency windows)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    """``memory``: per process; ``redis``: shared by every replica through one Redis."""
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL when the backend is redis."""
+    key_prefix: str = "vmrouter:"
+    """Prefix of every Redis key the gateway writes."""
+
+
 class GatewaySettings(_Model):
     """Gateway-wide settings."""
+
+    metadata: dict[str, str] = Field(default_factory=dict)
+    """Request metadata this gateway adds (e.g. ``gateway_region: EU``); wins over client keys.
+    ``VMROUTER_GATEWAY_METADATA`` (a JSON object) in the environment adds to and overrides it."""
 
     health: HealthConfig = Field(default_factory=HealthConfig)
     """Failure health and cooldowns."""
@@ -249,6 +361,8 @@ class GatewayConfig(_Model):
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     """Gateway-wide settings."""
+    state: StateConfig = Field(default_factory=StateConfig)
+    """Shared state for several replicas."""
 
     providers: list[ProviderConfig] = Field(default_factory=list)
     """Upstream accounts and their model catalogs."""
@@ -413,6 +527,43 @@ def _routing_problems(
 ) -> Iterator[str]:
     routing = vm.routing_config
     r_path = f"{v_path}.routing_config"
+    if not isinstance(routing, CategoryBasedRouting):
+        yield from _target_problems(r_path, routing, vm, catalog, virtual_names, slugs)
+        return
+    names: set[str] = set()
+    defaults = 0
+    for c_index, category in enumerate(routing.categories):
+        c_path = f"{r_path}.categories[{c_index}]"
+        if category.name in names:
+            yield f"{c_path}.name: duplicate category {category.name!r}"
+        names.add(category.name)
+        if category.name == "default":
+            defaults += 1
+            if category.keywords or category.patterns or category.metadata:
+                yield f"{c_path}: the default category takes no keywords, patterns or metadata"
+        elif not (category.keywords or category.patterns or category.metadata):
+            yield f"{c_path}: a category needs keywords, patterns or metadata (or name it default)"
+        for p_index, pattern in enumerate(category.patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                yield f"{c_path}.patterns[{p_index}]: invalid regular expression: {exc}"
+        yield from _target_problems(
+            f"{c_path}.routing_config", category.routing_config, vm, catalog, virtual_names, slugs
+        )
+    if defaults != 1:
+        yield f"{r_path}.categories: exactly one category must be named 'default'"
+
+
+def _target_problems(
+    r_path: str,
+    routing: _RoutingBase,
+    vm: VirtualModelConfig,
+    catalog: dict[str, CatalogModelConfig],
+    virtual_names: set[str],
+    slugs: dict[str, str],
+) -> Iterator[str]:
+    kind = getattr(routing, "type", "")
     seen_targets: set[str] = set()
     for t_index, target in enumerate(routing.load_balance_targets):
         t_path = f"{r_path}.load_balance_targets[{t_index}]"
@@ -428,12 +579,14 @@ def _routing_problems(
                     f"{t_path}.target: model {name!r} does not serve {', '.join(missing)}"
                     f" (its model_types: {', '.join(catalog[name].model_types)})"
                 )
+            if kind.startswith("lowest-price") and catalog[name].price is None:
+                yield f"{t_path}.target: lowest-price routing needs a price on model {name!r}"
         if name in seen_targets and not target.metadata_match:
             yield f"{t_path}.target: duplicate target {name!r}"
         seen_targets.add(name)
-        if routing.type == "weight-based-routing" and target.weight is None:
+        if kind == "weight-based-routing" and target.weight is None:
             yield f"{t_path}.weight: required for weight-based-routing"
-        if routing.type == "priority-based-routing" and target.priority is None:
+        if kind == "priority-based-routing" and target.priority is None:
             yield f"{t_path}.priority: required for priority-based-routing"
         for header in target.headers_override.set:
             if not _valid_header_name(header):
@@ -446,7 +599,7 @@ def _routing_problems(
                 f"{t_path}.override_params: 'model' cannot be overridden;"
                 " set the catalog model's 'model'"
             )
-    if routing.type == "weight-based-routing":
+    if kind == "weight-based-routing":
         yield from _weight_sum_problems(r_path, routing.load_balance_targets)
 
 

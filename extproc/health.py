@@ -57,6 +57,7 @@ class Outcome:
     tpot_s: float | None = None
     """Time per output token, when the attempt succeeded and produced tokens."""
     retry_after_s: float | None = None
+    input_tokens: int | None = None
 
 
 class _Window:
@@ -94,12 +95,18 @@ class TargetHealth:
     """Everything known about one target."""
 
     tpot: dict[float, _Window] = field(default_factory=dict)
+    tokens: dict[float, _Window] = field(default_factory=dict)
+    """Input + output tokens per attempt (summed for lowest-usage routing)."""
+    throughput: dict[float, _Window] = field(default_factory=dict)
+    """Output tokens per second of each successful attempt."""
     outcomes: _Window | None = None
     """1.0 per failure, 0.0 per success, over the failure window."""
     consecutive_failures: int = 0
     cooldown_until: float = 0.0
     cooldown_level: int = 0
     last_failure: float = -math.inf
+    in_flight: int = 0
+    """Attempts released to the target and not yet finished (this process only)."""
 
 
 class HealthTracker:
@@ -126,12 +133,16 @@ class HealthTracker:
         for state in self._targets.values():
             for length in new:
                 state.tpot.setdefault(length, _Window(length))
+                state.tokens.setdefault(length, _Window(length))
+                state.throughput.setdefault(length, _Window(length))
 
     def _state(self, key: str) -> TargetHealth:
         state = self._targets.get(key)
         if state is None:
             state = TargetHealth(
                 tpot={w: _Window(w) for w in self._windows},
+                tokens={w: _Window(w) for w in self._windows},
+                throughput={w: _Window(w) for w in self._windows},
                 outcomes=_Window(self.settings.failure_window_s),
             )
             self._targets[key] = state
@@ -142,15 +153,24 @@ class HealthTracker:
         now = self.clock()
         state = self._state(outcome.target)
         assert state.outcomes is not None
+        used = (outcome.input_tokens or 0) + (outcome.output_tokens or 0)
+        if used:
+            for window in state.tokens.values():
+                window.add(now, float(used))
         if is_failure(outcome.status):
             self._fail(state, now, outcome)
             return
         state.outcomes.add(now, 0.0)
         state.consecutive_failures = 0
         state.cooldown_level = 0
+        state.cooldown_until = 0.0  # it answered: a last-resort success ends its cooldown
         if outcome.tpot_s is not None and outcome.tpot_s >= 0:
             for window in state.tpot.values():
                 window.add(now, outcome.tpot_s)
+        if outcome.output_tokens and outcome.duration_s and outcome.duration_s > 0:
+            rate = outcome.output_tokens / outcome.duration_s
+            for window in state.throughput.values():
+                window.add(now, rate)
 
     def _fail(self, state: TargetHealth, now: float, outcome: Outcome) -> None:
         settings = self.settings
@@ -197,6 +217,37 @@ class HealthTracker:
         if window is None:
             return None, 0
         return window.mean(self.clock())
+
+    def tokens(self, key: str, window_s: float) -> float:
+        """Input + output tokens the target used over the last ``window_s`` seconds."""
+        state = self._targets.get(key)
+        window = state.tokens.get(window_s) if state is not None else None
+        if window is None:
+            return 0.0
+        window.expire(self.clock())
+        return max(window.total, 0.0)
+
+    def throughput(self, key: str, window_s: float) -> tuple[float | None, int]:
+        """Mean output tokens per second over the window, and the number of samples."""
+        state = self._targets.get(key)
+        window = state.throughput.get(window_s) if state is not None else None
+        if window is None:
+            return None, 0
+        return window.mean(self.clock())
+
+    def in_flight(self, key: str) -> int:
+        """Attempts released to the target and not finished yet."""
+        state = self._targets.get(key)
+        return state.in_flight if state is not None else 0
+
+    def started(self, key: str) -> None:
+        """An attempt was released to the target."""
+        self._state(key).in_flight += 1
+
+    def ended(self, key: str) -> None:
+        """An attempt on the target finished (any outcome)."""
+        state = self._state(key)
+        state.in_flight = max(0, state.in_flight - 1)
 
     def failures(self, key: str) -> int:
         """Consecutive failures of the target."""

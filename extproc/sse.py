@@ -10,9 +10,11 @@ boundaries are reassembled; bytes only wait while an event is incomplete and str
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-_SEPARATOR = b"\n\n"
+_SEPARATOR = re.compile(rb"\r?\n\r?\n")
+"""The blank line ending an SSE event; the spec allows LF and CRLF line endings."""
 
 
 class StreamObserver:
@@ -31,20 +33,25 @@ class StreamObserver:
     def feed(self, chunk: bytes, now: float) -> bytes | None:
         """Observe one chunk; return the bytes to send instead, or None to send it unchanged."""
         data = self._pending + chunk
-        end = data.rfind(_SEPARATOR)
-        if end < 0:
-            self._pending = data
-            return b"" if self.strip_usage else None
-        complete, self._pending = data[: end + 2], data[end + 2 :]
+        last_end = -1
         kept: list[bytes] = []
         removed = False
-        for event in complete.split(_SEPARATOR):
+        start = 0
+        for match in _SEPARATOR.finditer(data):
+            event = data[start : match.start()]
+            whole = data[start : match.end()]
+            start = last_end = match.end()
             if not event.strip():
+                kept.append(whole)
                 continue
             if self._observe(event, now) and self.strip_usage:
                 removed = True
                 continue
-            kept.append(event + _SEPARATOR)
+            kept.append(whole)
+        if last_end < 0:
+            self._pending = data
+            return b"" if self.strip_usage else None
+        complete, self._pending = data[:last_end], data[last_end:]
         if not self.strip_usage:
             return None
         if not removed and not self._pending:
@@ -79,7 +86,7 @@ class StreamObserver:
 
 
 def _data(event: bytes) -> dict[str, Any] | None:
-    lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
     if not lines:
         return None
     text = b"\n".join(lines)

@@ -25,6 +25,25 @@ class LatencyStrategy:
         self.window_s = window_s
         self.band = band
         self.min_samples = min_samples
+        self.windows: tuple[float, ...] = (window_s,)
+
+    def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
+        """Each target's mean time per output token, or why it is still being explored."""
+        scored = self.scores(targets, health)
+        measured = [m for _, m, n in scored if m is not None and n >= self.min_samples]
+        fastest = min(measured) if measured else None
+        out: dict[str, str] = {}
+        for target, mean, count in scored:
+            if mean is None or count < self.min_samples:
+                out[target.key] = f"exploring ({count} of {self.min_samples} samples)"
+            else:
+                inside = fastest is not None and mean <= fastest * self.band
+                where = "in" if inside else "outside"
+                out[target.key] = (
+                    f"tpot {mean * 1000:.1f} ms over {count} samples"
+                    f" ({where} the {self.band:g}x band)"
+                )
+        return out
 
     def scores(
         self, targets: Sequence[Target], health: HealthView

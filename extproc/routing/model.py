@@ -46,6 +46,8 @@ class CatalogModel:
     upstream_model: str
     """The model name sent upstream (modelNameOverride)."""
     model_types: frozenset[str]
+    price: tuple[float, float] | None = None
+    """Price per million (input, output) tokens, if configured."""
 
 
 @dataclass(frozen=True, slots=True)

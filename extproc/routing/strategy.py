@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from random import Random
 from typing import Protocol, assert_never
 
-from extproc.config import RoutingConfig
+from extproc.config import TargetRoutingConfig
 from extproc.routing.model import Target
 
 
@@ -35,6 +35,18 @@ class HealthView(Protocol):
         """Mean time per output token (s) over the window, and the number of samples."""
         ...
 
+    def tokens(self, key: str, window_s: float) -> float:
+        """Input + output tokens used over the window."""
+        ...
+
+    def throughput(self, key: str, window_s: float) -> tuple[float | None, int]:
+        """Mean output tokens per second over the window, and the number of samples."""
+        ...
+
+    def in_flight(self, key: str) -> int:
+        """Attempts in flight to the target from this process."""
+        ...
+
 
 class NoHealth:
     """A health view that knows nothing: every target available, no samples."""
@@ -55,6 +67,18 @@ class NoHealth:
         """No samples."""
         return None, 0
 
+    def tokens(self, key: str, window_s: float) -> float:
+        """No usage."""
+        return 0.0
+
+    def throughput(self, key: str, window_s: float) -> tuple[float | None, int]:
+        """No samples."""
+        return None, 0
+
+    def in_flight(self, key: str) -> int:
+        """Nothing in flight."""
+        return 0
+
 
 NO_HEALTH = NoHealth()
 
@@ -63,26 +87,59 @@ class Strategy(Protocol):
     """Orders targets for one request."""
 
     name: str
+    windows: tuple[float, ...]
+    """Window lengths (s) this strategy asks the health view about."""
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Return all ``targets`` in the order they should be tried."""
         ...
 
+    def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
+        """A short, human-readable score per target key (what ``order`` based its choice on)."""
+        ...
 
-def build_strategy(routing: RoutingConfig) -> Strategy:
+
+def build_strategy(routing: TargetRoutingConfig) -> Strategy:
     """Return the strategy object for a routing config (one ``case`` per routing type)."""
+    from extproc.config import (
+        HighestThroughputRouting,
+        LatencyBasedRouting,
+        LeastBusyRouting,
+        LowestPriceRouting,
+        LowestUsageRouting,
+        PriorityBasedRouting,
+        RoundRobinRouting,
+        WeightBasedRouting,
+    )
     from extproc.routing.latency import LatencyStrategy
+    from extproc.routing.least_busy import LeastBusyStrategy
+    from extproc.routing.lowest_price import LowestPriceStrategy
+    from extproc.routing.lowest_usage import LowestUsageStrategy
     from extproc.routing.priority import PriorityStrategy
+    from extproc.routing.round_robin import RoundRobinStrategy
+    from extproc.routing.throughput import HighestThroughputStrategy
     from extproc.routing.weighted import WeightedStrategy
 
-    match routing.type:
-        case "weight-based-routing":
+    match routing:
+        case WeightBasedRouting():
             return WeightedStrategy()
-        case "priority-based-routing":
+        case PriorityBasedRouting():
             return PriorityStrategy()
-        case "latency-based-routing":
+        case LatencyBasedRouting():
             return LatencyStrategy(
                 window_s=routing.window_seconds, band=routing.band, min_samples=routing.min_samples
             )
+        case RoundRobinRouting():
+            return RoundRobinStrategy()
+        case LeastBusyRouting():
+            return LeastBusyStrategy()
+        case LowestUsageRouting():
+            return LowestUsageStrategy(window_s=routing.window_seconds)
+        case LowestPriceRouting():
+            return LowestPriceStrategy()
+        case HighestThroughputRouting():
+            return HighestThroughputStrategy(
+                window_s=routing.window_seconds, min_samples=routing.min_samples
+            )
         case _:
-            assert_never(routing.type)
+            assert_never(routing)

@@ -1,9 +1,10 @@
 """Compile a validated config into a routing table, and resolve requests against it.
 
 This module owns the mapping from a requested model name to a ``RoutingDecision``: which virtual
-model it means, and the ordered plan of targets to try. Everything the hot path needs is computed
-here once per config load (name index, strategies, provider auth headers); ``resolve`` only looks
-up, filters and calls the strategy.
+model it means, which category (for category-based routing), and the ordered plan of targets to
+try. Everything the hot path needs is computed here once per config load (name index,
+strategies, compiled category patterns, provider auth headers); ``resolve`` only looks up,
+filters (metadata, health, SLA, fallback eligibility), calls the strategy and applies stickiness.
 """
 
 from __future__ import annotations
@@ -12,14 +13,22 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from random import Random
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from extproc.config import GatewayConfig, HealthConfig, ProviderConfig, TargetConfig
+from extproc.config import (
+    CategoryBasedRouting,
+    GatewayConfig,
+    HealthConfig,
+    ProviderConfig,
+    TargetConfig,
+    TargetRoutingConfig,
+)
+from extproc.errors import NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
-from extproc.errors import UnknownModel, UnsupportedOperation
+from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
 from extproc.routing.priority import PriorityStrategy
 from extproc.routing.strategy import NO_HEALTH, HealthView, Strategy, build_strategy
@@ -31,6 +40,62 @@ OPERATION_LABEL: Mapping[str, str] = MappingProxyType(
 )
 
 
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Targets and the strategy ordering them: a virtual model has one, or one per category."""
+
+    strategy: Strategy
+    targets: tuple[Target, ...]
+    category: str | None = None
+    keywords: frozenset[str] = frozenset()
+    """Lower-cased words; any of them in the last user message matches."""
+    patterns: tuple[re.Pattern[str], ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def matches(self, request: RequestFacts) -> str | None:
+        """Why this category matches the request, or None (the default category never 'matches')."""
+        if not (self.keywords or self.patterns or self.metadata):
+            return None
+        for key, value in self.metadata.items():
+            if request.metadata.get(key) != value:
+                return None
+        if not (self.keywords or self.patterns):
+            return "metadata " + ", ".join(f"{k}={v}" for k, v in self.metadata.items())
+        text = request.text
+        if self.keywords:
+            words = set(_WORD.findall(text.lower()))
+            hit = next((k for k in sorted(self.keywords) if k in words), None)
+            if hit is not None:
+                return f"keyword {hit!r}"
+        for pattern in self.patterns:
+            if pattern.search(text):
+                return f"pattern {pattern.pattern!r}"
+        return None
+
+
+_WORD = re.compile(r"[\w'-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class StickyPolicy:
+    """Session affinity: which request values identify a session, and for how long it sticks."""
+
+    ttl_s: int
+    identifiers: tuple[tuple[str, str], ...]
+    """(source, key): source is ``headers`` (key lower-cased) or ``metadata``."""
+
+    def session(self, headers: Mapping[str, str], metadata: Mapping[str, str]) -> str | None:
+        """The session key for a request, or None when no identifier is present."""
+        values: list[str] = []
+        for source, key in self.identifiers:
+            value = (headers if source == "headers" else metadata).get(key)
+            values.append(f"{source}:{key}={value}" if value is not None else "")
+        return "|".join(values) if any(values) else None
+
+
 @dataclass(frozen=True, slots=True)
 class VirtualModel:
     """A resolvable model name: a configured virtual model, or a catalog model called directly."""
@@ -39,11 +104,42 @@ class VirtualModel:
     """``<group>/<name>`` for virtual models, ``<provider>/<model>`` for catalog models."""
     slug: str | None
     model_types: frozenset[str]
-    strategy: Strategy
-    targets: tuple[Target, ...]
+    routes: tuple[Route, ...]
+    """One route, or one per category with the ``default`` category last."""
     is_virtual: bool
     attempt_timeout_ms: int
     """Upper bound for one attempt (Envoy's per-try timeout, set per request)."""
+    sticky: StickyPolicy | None = None
+    routing_type: str = "priority-based-routing"
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every target of every route, without repeats."""
+        seen: dict[int, Target] = {}
+        for route in self.routes:
+            for target in route.targets:
+                seen.setdefault(id(target), target)
+        return tuple(seen.values())
+
+    @property
+    def strategy(self) -> Strategy:
+        """The first route's strategy."""
+        return self.routes[0].strategy
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What resolution may look at besides the model name."""
+
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    """Client metadata merged with the gateway's (the gateway wins)."""
+    text: str = ""
+    """The last user message, for category rules."""
+    sticky_target: str | None = None
+    """The target this request's session is stuck to, if any."""
+
+
+NO_REQUEST = RequestFacts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +149,9 @@ class RoutingDecision:
     virtual_model: VirtualModel
     plan: tuple[Target, ...]
     """Targets in the order to try: the primary first, then fallback candidates."""
+    category: str | None = None
+    sticky_hit: bool = False
+    """The primary is the session's sticky target."""
 
     @property
     def primary(self) -> Target:
@@ -78,12 +177,11 @@ class RoutingTable:
         self.sla_probe_ratio = sla_probe_ratio
         windows: set[float] = set()
         for vm in models.values():
-            windows.update(t.sla_window_s for t in vm.targets if t.sla_cutoff_s is not None)
-            window = getattr(vm.strategy, "window_s", None)
-            if isinstance(window, float | int):
-                windows.add(float(window))
+            for route in vm.routes:
+                windows.update(route.strategy.windows)
+                windows.update(t.sla_window_s for t in route.targets if t.sla_cutoff_s is not None)
         self.tpot_windows: frozenset[float] = frozenset(windows)
-        """Every TPOT window length routing will ask the health model about."""
+        """Every window length routing will ask the health model about (TPOT, tokens, rates)."""
         self.providers: Mapping[str, Provider] = MappingProxyType(dict(providers))
         self.virtual_models: tuple[VirtualModel, ...] = tuple(
             {id(vm): vm for vm in models.values() if vm.is_virtual}.values()
@@ -102,13 +200,21 @@ class RoutingTable:
         operation: Operation,
         rng: Random,
         health: HealthView = NO_HEALTH,
+        request: RequestFacts = NO_REQUEST,
+        explain: Explanation | None = None,
     ) -> RoutingDecision:
         """Resolve a requested model name for an operation into a plan of targets.
 
-        Targets in cooldown or over their SLA cutoff are filtered out before the strategy runs (a
-        weighted strategy then spreads their weight over the rest). They stay in the plan as last
-        resort fallbacks, least bad first. If every target is filtered out the request still goes
-        out, to the least bad target.
+        1. Category-based models pick their category (first whose rules match, else default).
+        2. ``metadata_match``: targets whose every key matches the request metadata take
+           precedence; targets without ``metadata_match`` follow as fallbacks; targets whose
+           match fails are out.
+        3. Targets in cooldown or over their SLA cutoff are filtered out before the strategy
+           runs (a weighted strategy spreads their weight over the rest) and kept at the end of
+           the plan, least bad first. If every target is filtered out the request still goes to
+           the least bad one.
+        4. A healthy sticky target goes first. Targets that are not fallback candidates are
+           dropped from every position but the first.
         """
         vm = self._models.get(name)
         if vm is None:
@@ -119,20 +225,84 @@ class RoutingTable:
                 f" (it serves: {', '.join(sorted(vm.model_types))}).",
                 param="model",
             )
-        eligible: list[Target] = []
+        route = vm.routes[-1]
+        reason = "default"
+        for candidate in vm.routes[:-1]:
+            why = candidate.matches(request)
+            if why is not None:
+                route, reason = candidate, why
+                break
+        if explain is not None:
+            explain.virtual_model = vm.name
+            explain.strategy = route.strategy.name
+            explain.metadata = dict(request.metadata)
+            if route.category is not None:
+                explain.category, explain.category_reason = route.category, reason
+            explain.candidates = [t.key for t in route.targets]
+        matched: list[Target] = []
+        unconditioned: list[Target] = []
+        for target in route.targets:
+            if not target.metadata_match:
+                unconditioned.append(target)
+            elif all(request.metadata.get(k) == v for k, v in target.metadata_match.items()):
+                matched.append(target)
+            elif explain is not None:
+                wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
+                explain.drop(target.key, f"metadata_match {wanted} does not match")
+        ordered: list[Target] = []
         held: list[Target] = []
-        for target in vm.targets:
-            if self._usable(target, health, rng):
-                eligible.append(target)
-            else:
-                held.append(target)
+        for pool_name, pool in (("metadata match", matched), ("unconditioned", unconditioned)):
+            if not pool:
+                continue
+            eligible = [t for t in pool if self._usable(t, health, rng, explain)]
+            held.extend(t for t in pool if t not in eligible)
+            if explain is not None:
+                explain.pools.append((pool_name, [t.key for t in eligible]))
+                explain.scores.update(route.strategy.explain(eligible, health))
+            if eligible:
+                ordered.extend(route.strategy.order(eligible, health, rng))
+        if not ordered and not held:
+            raise NoTargetAvailable(
+                f"No target of '{vm.name}' matches the request metadata.", param="model"
+            )
         held.sort(key=lambda t: (health.cooldown_remaining(t.key), health.failures(t.key)))
-        ordered = [*vm.strategy.order(eligible, health, rng), *held] if eligible else held
+        if explain is not None and held and not ordered:
+            explain.notes.append("every target is unhealthy: trying the least bad one")
+        sticky_hit = False
+        sticky = request.sticky_target
+        if sticky is not None:
+            stuck = next((t for t in ordered if t.key == sticky), None)
+            if stuck is not None:
+                ordered.remove(stuck)
+                ordered.insert(0, stuck)
+                sticky_hit = True
+            if explain is not None:
+                explain.sticky = (
+                    f"session stuck to {sticky}"
+                    if stuck is not None
+                    else f"session stuck to {sticky}, which is not eligible now: routing normally"
+                )
+        ordered.extend(held)
         plan = (ordered[0], *(t for t in ordered[1:] if t.fallback_candidate))
-        return RoutingDecision(virtual_model=vm, plan=plan)
+        if explain is not None:
+            for target in ordered[1:]:
+                if not target.fallback_candidate:
+                    explain.drop(target.key, "fallback_candidate: false (never a fallback)")
+            explain.plan = [t.key for t in plan]
+        return RoutingDecision(
+            virtual_model=vm, plan=plan, category=route.category, sticky_hit=sticky_hit
+        )
 
-    def _usable(self, target: Target, health: HealthView, rng: Random) -> bool:
+    def _usable(
+        self, target: Target, health: HealthView, rng: Random, explain: Explanation | None
+    ) -> bool:
         if not health.available(target.key):
+            if explain is not None:
+                explain.drop(
+                    target.key,
+                    f"cooling down ({health.cooldown_remaining(target.key):.1f}s left,"
+                    f" {health.failures(target.key)} consecutive failures)",
+                )
             return False
         if target.sla_cutoff_s is None:
             return True
@@ -140,7 +310,16 @@ class RoutingTable:
         if mean is None or mean <= target.sla_cutoff_s:
             return True
         # Over its SLA: skipped, except for a small probe share that keeps measuring it.
-        return rng.random() < self.sla_probe_ratio
+        if rng.random() < self.sla_probe_ratio:
+            if explain is not None:
+                explain.notes.append(f"{target.key} is over its SLA but drawn as a probe")
+            return True
+        if explain is not None:
+            explain.drop(
+                target.key,
+                f"over SLA: tpot {mean * 1000:.1f} ms > {target.sla_cutoff_s * 1000:g} ms",
+            )
+        return False
 
     def names(self) -> list[str]:
         """Every name a client may send, sorted."""
@@ -211,6 +390,40 @@ def _compile_target(cfg: TargetConfig, model: CatalogModel) -> Target:
 _DIRECT_RETRY = RetryPolicy(attempts=1, delay_ms=0, on_status=frozenset())
 
 
+def _route(routing: TargetRoutingConfig, catalog: Mapping[str, CatalogModel]) -> Route:
+    return Route(
+        strategy=build_strategy(routing),
+        targets=tuple(_compile_target(t, catalog[t.target]) for t in routing.load_balance_targets),
+    )
+
+
+def _compile_routes(
+    routing: TargetRoutingConfig | CategoryBasedRouting, catalog: Mapping[str, CatalogModel]
+) -> tuple[Route, ...]:
+    """One route, or one per category with the default category last."""
+    if not isinstance(routing, CategoryBasedRouting):
+        return (_route(routing, catalog),)
+    routes: list[Route] = []
+    default: Route | None = None
+    for category in routing.categories:
+        base = _route(category.routing_config, catalog)
+        route = Route(
+            strategy=base.strategy,
+            targets=base.targets,
+            category=category.name,
+            keywords=frozenset(k.lower() for k in category.keywords),
+            patterns=tuple(re.compile(p) for p in category.patterns),
+            metadata=MappingProxyType(dict(category.metadata)),
+        )
+        if category.name == "default":
+            default = route
+        else:
+            routes.append(route)
+    assert default is not None  # validation requires exactly one default category
+    routes.append(default)
+    return tuple(routes)
+
+
 def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = None) -> RoutingTable:
     """Compile a validated config into a routing table (secrets read from ``environ``)."""
     env = os.environ if environ is None else environ
@@ -228,6 +441,7 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 provider=provider,
                 upstream_model=m_cfg.model or m_cfg.name,
                 model_types=frozenset(m_cfg.model_types),
+                price=(m_cfg.price.input, m_cfg.price.output) if m_cfg.price else None,
             )
             catalog[key] = model
             # A catalog model called directly goes straight to that model: one attempt, no fallback.
@@ -247,24 +461,31 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 name=key,
                 slug=None,
                 model_types=model.model_types,
-                strategy=direct,
-                targets=(target,),
+                routes=(Route(strategy=direct, targets=(target,)),),
                 is_virtual=False,
                 attempt_timeout_ms=config.gateway.attempt_timeout_ms,
             )
     for group in config.virtual_model_groups:
         for vm_cfg in group.virtual_models:
             routing = vm_cfg.routing_config
+            sticky = None
+            if routing.sticky_routing is not None:
+                sticky = StickyPolicy(
+                    ttl_s=routing.sticky_routing.ttl_seconds,
+                    identifiers=tuple(
+                        (i.source, i.key.lower() if i.source == "headers" else i.key)
+                        for i in routing.sticky_routing.session_identifiers
+                    ),
+                )
             vm = VirtualModel(
                 name=f"{group.name}/{vm_cfg.name}",
                 slug=vm_cfg.slug,
                 model_types=frozenset(vm_cfg.model_types),
-                strategy=build_strategy(routing),
-                targets=tuple(
-                    _compile_target(t, catalog[t.target]) for t in routing.load_balance_targets
-                ),
+                routes=_compile_routes(routing, catalog),
                 is_virtual=True,
                 attempt_timeout_ms=routing.attempt_timeout_ms or config.gateway.attempt_timeout_ms,
+                sticky=sticky,
+                routing_type=routing.type,
             )
             models[vm.name] = vm
             if vm.slug:

@@ -13,6 +13,17 @@ class WeightedStrategy:
     """Weighted random order without replacement; zero-weight targets come last, shuffled."""
 
     name = "weight-based-routing"
+    windows: tuple[float, ...] = ()
+
+    def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
+        """Each target's weight and its share after renormalisation over ``targets``."""
+        total = sum(max(t.weight, 0) for t in targets)
+        return {
+            t.key: f"weight {t.weight} = {100 * t.weight / total:.1f}%"
+            if total
+            else f"weight {t.weight}"
+            for t in targets
+        }
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Draw targets one by one in proportion to their weights."""

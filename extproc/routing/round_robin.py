@@ -1,0 +1,37 @@
+"""Round-robin routing: rotate over the healthy targets, one request at a time.
+
+Health-aware because cooling targets are filtered out before the strategy runs: the rotation
+continues over the ones left. The counter is per virtual model and per process, and restarts
+when a new config is loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from random import Random
+
+from extproc.routing.model import Target
+from extproc.routing.strategy import HealthView
+
+
+class RoundRobinStrategy:
+    """The n-th request starts at target n modulo the number of eligible targets."""
+
+    name = "round-robin-routing"
+    windows: tuple[float, ...] = ()
+
+    def __init__(self) -> None:
+        """Start the rotation at the first target."""
+        self._counter = itertools.count()
+
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
+        """The targets rotated by one more position than for the previous request."""
+        if not targets:
+            return []
+        start = next(self._counter) % len(targets)
+        return [*targets[start:], *targets[:start]]
+
+    def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
+        """Each target's position in the rotation."""
+        return {t.key: f"position {i} of {len(targets)}" for i, t in enumerate(targets)}
