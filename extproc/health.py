@@ -125,6 +125,8 @@ class HealthTracker:
         self.clock = clock or time.monotonic
         self._windows: set[float] = set(windows)
         self._targets: dict[str, TargetHealth] = {}
+        self.listener: Callable[[Outcome], None] | None = None
+        """Called with every locally observed outcome (replication to other replicas)."""
 
     def register_windows(self, windows: Iterable[float]) -> None:
         """Also keep TPOT samples for these window lengths (called when a config is compiled)."""
@@ -148,8 +150,10 @@ class HealthTracker:
             self._targets[key] = state
         return state
 
-    def observe(self, outcome: Outcome) -> None:
-        """Fold one attempt's outcome into its target's state."""
+    def observe(self, outcome: Outcome, *, share: bool = True) -> None:
+        """Fold one attempt's outcome into its target's state (``share``: tell the listener)."""
+        if share and self.listener is not None:
+            self.listener(outcome)
         now = self.clock()
         state = self._state(outcome.target)
         assert state.outcomes is not None

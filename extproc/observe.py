@@ -116,6 +116,8 @@ class Recorder:
         record = context.plan.records[index]
         record.reported = True
         target = record.target
+        if record.sent:
+            self.health.ended(target.key)
         now = self.clock()
         started = record.sent_at if record.sent_at is not None else record.started
         ttfb = record.headers_at - started if record.headers_at is not None else None
@@ -154,6 +156,7 @@ class Recorder:
                 duration_s=duration,
                 output_tokens=completion,
                 tpot_s=tpot,
+                input_tokens=facts.prompt_tokens if facts is not None else None,
             )
         )
         prompt = facts.prompt_tokens if facts is not None else None

@@ -17,10 +17,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
+from urllib.parse import urlsplit
 
 from extproc import envoy
 from extproc.envoy_config import (
@@ -34,19 +35,26 @@ from extproc.errors import GatewayError, InvalidRequest, error_body
 from extproc.health import HealthTracker, parse_retry_after
 from extproc.observe import Recorder, ResponseFacts
 from extproc.request import (
+    EXPLAIN_HEADER,
+    METADATA_HEADER,
     MODELS_PATH,
     check_content_type,
+    last_user_text,
     operation_for,
     parse_body,
+    parse_metadata_header,
     split_path,
     target_body,
     upstream_path,
     wants_usage_injection,
 )
 from extproc.routing.attempts import AttemptPlan, Step, build_slots
+from extproc.routing.explain import Explanation
 from extproc.routing.model import Operation, Target
-from extproc.routing.table import RoutingDecision, RoutingTable, VirtualModel
+from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable, VirtualModel
 from extproc.sse import StreamObserver
+from extproc.state import MemoryStickyStore, RedisStickyStore, StickyStore
+from extproc.sync import HealthSync
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -96,6 +104,40 @@ class Runtime:
         self.table = table
         self.models_body = models_list_body(table)
         self.health.register_windows(table.tpot_windows)
+        self.sticky: StickyStore = MemoryStickyStore(clock)
+        self.sync: HealthSync | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start_shared_state(self) -> None:
+        """Connect to Redis when the config's ``state.backend`` is redis (else nothing to do)."""
+        state = self.table.state
+        if state.backend != "redis" or self.sync is not None:
+            return
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(
+            state.url, socket_connect_timeout=0.2, socket_timeout=0.5, health_check_interval=5
+        )
+        self.sticky = RedisStickyStore(client, state.key_prefix, clock=self.clock)
+        self.sync = HealthSync(client, lambda: self.health, state.key_prefix)
+        self.health.listener = self.sync.publish
+        self.sync.start()
+        log.info("sharing sticky sessions and health through redis at %s", _redacted(state.url))
+
+    async def close(self) -> None:
+        """Stop background work and release connections."""
+        if self.sync is not None:
+            await self.sync.stop()
+            self.sync = None
+        await self.sticky.close()
+        for task in list(self._background):
+            task.cancel()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _health_snapshot(self) -> dict[str, tuple[bool, int, float]]:
         return self.health.snapshot()
@@ -109,8 +151,10 @@ class Runtime:
 
     def reset_health(self) -> None:
         """Forget every target's health (an operator action; also used between tests)."""
+        listener = self.health.listener
         self.health = HealthTracker(self.table.health_settings, clock=self.clock)
         self.health.register_windows(self.table.tpot_windows)
+        self.health.listener = listener
         self.recorder.health = self.health
 
     def new_request_id(self) -> str:
@@ -137,6 +181,10 @@ class RequestContext:
     """The client streams without asking for usage: we ask upstream and strip the usage chunk."""
     span: Any = None
     """The request's trace span while it is open."""
+    sticky_session: str | None = None
+    """The session key when the virtual model is sticky and the request carries identifiers."""
+    explanation: Explanation | None = None
+    """Filled when the client sent ``x-gateway-explain: 1``."""
 
     @property
     def virtual_model(self) -> VirtualModel:
@@ -201,8 +249,22 @@ class RouterStream:
             response_model=response_model,
         )
         self.runtime.recorder.finished(context, facts)
+        last = context.plan.last
+        if (
+            completed
+            and context.sticky_session is not None
+            and last is not None
+            and last.status is not None
+            and last.status < 400
+        ):
+            # The session (re)sticks to whichever target served it, with a fresh TTL.
+            sticky = context.virtual_model.sticky
+            assert sticky is not None
+            self.runtime.spawn(
+                self.runtime.sticky.set(context.sticky_session, last.target.key, sticky.ttl_s)
+            )
 
-    def handle(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
+    async def handle(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
         """Answer one message of the router stream."""
         kind = request.WhichOneof("request")
         try:
@@ -213,7 +275,7 @@ class RouterStream:
                 case "request_headers":
                     return self._request_headers(request.request_headers)
                 case "request_body":
-                    return self._request_body(request.request_body)
+                    return await self._request_body(request.request_body)
                 case "response_headers":
                     return self._response_headers(request.response_headers)
                 case "response_body":
@@ -242,13 +304,30 @@ class RouterStream:
         spoofed = [h for h in self.headers if h.startswith(INTERNAL_HEADER_PREFIX)]
         return envoy.request_headers_response(remove_headers=spoofed or None)
 
-    def _request_body(self, message: Any) -> envoy.ProcessingResponse:
+    async def _request_body(self, message: Any) -> envoy.ProcessingResponse:
         body, model = parse_body(message.body)
         runtime = self.runtime
-        decision = runtime.table.resolve(model, self.operation, runtime.rng, runtime.health)
+        table = runtime.table
+        headers = self.headers
+        metadata = parse_metadata_header(headers.get(METADATA_HEADER))
+        metadata.update(table.gateway_metadata)
+        vm = table.lookup(model)
+        session = None
+        sticky_target = None
+        if vm is not None and vm.sticky is not None:
+            identity = vm.sticky.session(headers, metadata)
+            if identity is not None:
+                session = f"{vm.name}|{identity}"
+                sticky_target = await runtime.sticky.get(session)
+        text = last_user_text(body) if vm is not None and len(vm.routes) > 1 else ""
+        facts = RequestFacts(metadata=metadata, text=text, sticky_target=sticky_target)
+        explanation = Explanation() if headers.get(EXPLAIN_HEADER, "") in ("1", "true") else None
+        decision = table.resolve(
+            model, self.operation, runtime.rng, runtime.health, facts, explanation
+        )
         slots = build_slots(decision.plan, MAX_ATTEMPTS)
         request_id = runtime.new_request_id()
-        managed: set[str] = {"authorization"}
+        managed: set[str] = {"authorization", METADATA_HEADER, EXPLAIN_HEADER}
         for target in decision.plan:
             managed.update(name for name, _ in target.headers_set)
             managed.update(target.headers_remove)
@@ -259,13 +338,15 @@ class RouterStream:
             upstream_suffix=self.suffix,
             query=self.query,
             client_headers={
-                k: v for k, v in self.headers.items() if not k.startswith(INTERNAL_HEADER_PREFIX)
+                k: v for k, v in headers.items() if not k.startswith(INTERNAL_HEADER_PREFIX)
             },
             stream=body.get("stream") is True,
             plan=AttemptPlan(slots=slots),
             operation=self.operation,
             managed_headers=frozenset(managed),
             inject_usage=wants_usage_injection(body, self.operation),
+            sticky_session=session,
+            explanation=explanation,
         )
         runtime.requests[request_id] = context
         self.context = context
@@ -292,6 +373,8 @@ class RouterStream:
             headers.append((HEADER_TARGET, last.target.key))
             headers.append((HEADER_SERVED_MODEL, last.target.model.upstream_model))
         headers.append((HEADER_ATTEMPTS, context.plan.summary()))
+        if context.explanation is not None:
+            headers.append((EXPLAIN_HEADER, context.explanation.compact()))
         return headers
 
     def _response_headers(self, message: Any) -> envoy.ProcessingResponse:
@@ -453,6 +536,7 @@ class UpstreamStream:
         if delay > 0:
             await asyncio.sleep(delay)
         context.plan.mark_sent(self.runtime.clock())
+        self.runtime.health.started(target.key)
         self.runtime.recorder.settled_failures(context)
         body = target_body(context.body, target, include_usage=context.inject_usage)
         set_headers, remove_headers = _attempt_headers(context, target)
@@ -522,3 +606,11 @@ def _attempt_headers(
         else:
             set_headers.append((name, header_value))
     return set_headers, remove_headers
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@")

@@ -82,6 +82,55 @@ def wants_usage_injection(body: Mapping[str, Any], operation: str) -> bool:
     return not (isinstance(options, dict) and options.get("include_usage") is True)
 
 
+METADATA_HEADER = "x-gateway-metadata"
+EXPLAIN_HEADER = "x-gateway-explain"
+
+
+def parse_metadata_header(value: str | None) -> dict[str, str]:
+    """Client metadata from ``x-gateway-metadata``: a JSON object of strings (else 400)."""
+    if value is None or not value.strip():
+        return {}
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"The {METADATA_HEADER} header must be a JSON object of strings; it is not valid JSON."
+        ) from None
+    if not isinstance(decoded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in decoded.items()
+    ):
+        raise InvalidRequest(f"The {METADATA_HEADER} header must be a JSON object of strings.")
+    return decoded
+
+
+def last_user_text(body: Mapping[str, Any]) -> str:
+    """The text category rules look at: the last user message (or the prompt / input)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return _text_of(message.get("content"))
+        return ""
+    for key in ("prompt", "input"):
+        if key in body:
+            return _text_of(body[key])
+    return ""
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
 def target_body(
     original: Mapping[str, Any], target: Target, *, include_usage: bool = False
 ) -> bytes:

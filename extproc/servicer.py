@@ -64,7 +64,7 @@ class ExtProcServicer(ext_proc_pb2_grpc.ExternalProcessorServicer):
                 try:
                     async for request in request_iterator:
                         try:
-                            yield router.handle(request)
+                            yield await router.handle(request)
                         except Exception:
                             log.exception("router stream failed")
                             router.answered_locally = True

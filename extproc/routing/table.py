@@ -9,6 +9,7 @@ filters (metadata, health, SLA, fallback eligibility), calls the strategy and ap
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -23,10 +24,11 @@ from extproc.config import (
     GatewayConfig,
     HealthConfig,
     ProviderConfig,
+    StateConfig,
     TargetConfig,
     TargetRoutingConfig,
 )
-from extproc.errors import NoTargetAvailable, UnknownModel, UnsupportedOperation
+from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
 from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
@@ -169,9 +171,14 @@ class RoutingTable:
         first_byte_timeout_ms: int = 120_000,
         sla_probe_ratio: float = 0.05,
         health_settings: HealthSettings | None = None,
+        gateway_metadata: Mapping[str, str] | None = None,
+        state: StateConfig | None = None,
     ):
         """Wrap prebuilt indexes; use ``compile_table`` to build one from a config."""
         self._models = dict(models)
+        self.gateway_metadata: Mapping[str, str] = MappingProxyType(dict(gateway_metadata or {}))
+        """Metadata this gateway adds to every request (wins over the client's keys)."""
+        self.state = state or StateConfig()
         self.health_settings = health_settings or HealthSettings()
         self.first_byte_timeout_ms = first_byte_timeout_ms
         self.sla_probe_ratio = sla_probe_ratio
@@ -496,7 +503,29 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
         config.gateway.first_byte_timeout_ms,
         config.gateway.health.sla_probe_ratio,
         health_settings(config.gateway.health),
+        gateway_metadata(config.gateway.metadata, env),
+        config.state,
     )
+
+
+GATEWAY_METADATA_ENV = "VMROUTER_GATEWAY_METADATA"
+
+
+def gateway_metadata(configured: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The config's gateway metadata, overridden by the JSON object in the environment."""
+    merged = dict(configured)
+    raw = environ.get(GATEWAY_METADATA_ENV)
+    if raw:
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = None
+        if not isinstance(decoded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in decoded.items()
+        ):
+            raise ConfigError([f"{GATEWAY_METADATA_ENV}: expected a JSON object of strings"])
+        merged.update(decoded)
+    return merged
 
 
 def health_settings(cfg: HealthConfig) -> HealthSettings:

@@ -48,6 +48,16 @@ VM = "prod/chat"
 WINDOW = 60.0
 
 
+_LOOP = asyncio.new_event_loop()
+
+
+class SyncRouter(RouterStream):
+    """A RouterStream driven synchronously: its ``handle`` is a coroutine."""
+
+    def handle(self, request):  # type: ignore[no-untyped-def, override]
+        return _LOOP.run_until_complete(RouterStream.handle(self, request))
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 
@@ -106,7 +116,7 @@ def client_headers() -> list[tuple[str, str]]:
 
 def start(runtime: Runtime, body: dict[str, Any]) -> tuple[RouterStream, str]:
     """Run the router stream's request phase; return the stream and the request id."""
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     router.handle(headers_message("request_headers", client_headers()))
     reply = router.handle(body_message("request_body", json.dumps(body).encode()))
     request_id = reply.dynamic_metadata.fields[REQUEST_NS].struct_value.fields["request_id"]

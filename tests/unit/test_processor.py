@@ -64,6 +64,16 @@ CHAT_PATH = "/v1/chat/completions"
 SPOOFED_ID_HEADER = "x-vm-request-id"
 
 
+_LOOP = asyncio.new_event_loop()
+
+
+class SyncRouter(RouterStream):
+    """A RouterStream driven synchronously: its ``handle`` is a coroutine."""
+
+    def handle(self, request):  # type: ignore[no-untyped-def, override]
+        return _LOOP.run_until_complete(RouterStream.handle(self, request))
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 
@@ -204,7 +214,7 @@ def start(
     extra: Iterable[tuple[str, str]] = (),
 ) -> tuple[RouterStream, pb.ProcessingResponse]:
     """Run the router stream's request phase; return the stream and the request_body reply."""
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers(path, extra=extra)))
     assert reply.WhichOneof("response") == "request_headers"
     return router, router.handle(body_message("request_body", body))
@@ -276,7 +286,7 @@ CLIENT_EXTRA = (
 
 
 def test_router_stream_models_list_is_immediate_200(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(
         headers_message(
             "request_headers", client_headers("/v1/models", "GET", None), end_of_stream=True
@@ -296,7 +306,7 @@ def test_router_stream_models_list_is_immediate_200(runtime: Runtime) -> None:
 
 
 def test_router_stream_models_list_accepts_trailing_slash_and_query(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(
         headers_message("request_headers", client_headers("/v1/models/?x=1", "GET", None))
     )
@@ -304,7 +314,7 @@ def test_router_stream_models_list_accepts_trailing_slash_and_query(runtime: Run
 
 
 def test_router_stream_unknown_path_is_404(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers("/v1/assistants")))
     error = error_of(reply, 404)
     assert error["code"] == "not_found"
@@ -314,7 +324,7 @@ def test_router_stream_unknown_path_is_404(runtime: Runtime) -> None:
 
 
 def test_router_stream_wrong_method_is_405(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers(method="GET")))
     error = error_of(reply, 405)
     assert error["code"] == "method_not_allowed"
@@ -322,13 +332,13 @@ def test_router_stream_wrong_method_is_405(runtime: Runtime) -> None:
 
 
 def test_router_stream_models_list_with_post_is_405(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers("/v1/models")))
     assert "GET" in error_of(reply, 405)["message"]
 
 
 def test_router_stream_wrong_content_type_is_415(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(
         headers_message("request_headers", client_headers(content_type="text/plain"))
     )
@@ -343,7 +353,7 @@ def test_router_stream_wrong_content_type_is_415(runtime: Runtime) -> None:
 def test_router_stream_json_or_missing_content_type_is_accepted(
     runtime: Runtime, content_type: str | None
 ) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(
         headers_message("request_headers", client_headers(content_type=content_type))
     )
@@ -351,7 +361,7 @@ def test_router_stream_json_or_missing_content_type_is_accepted(
 
 
 def test_router_stream_empty_body_at_headers_end_of_stream_is_400(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers(), end_of_stream=True))
     error = error_of(reply, 400)
     assert "empty" in error["message"]
@@ -411,7 +421,7 @@ def test_router_stream_embeddings_on_embedding_model_is_routed(runtime: Runtime)
 
 
 def test_router_stream_removes_client_sent_internal_headers(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     extra = [(SPOOFED_ID_HEADER, "spoofed"), (RETRY_HEADER, "1"), ("x-vmware", "kept")]
     reply = router.handle(headers_message("request_headers", client_headers(extra=extra)))
     assert reply.WhichOneof("response") == "request_headers"
@@ -420,7 +430,7 @@ def test_router_stream_removes_client_sent_internal_headers(runtime: Runtime) ->
 
 
 def test_router_stream_without_internal_headers_changes_nothing(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers()))
     assert_passthrough(reply, "request_headers")
 
@@ -470,7 +480,7 @@ def test_router_stream_close_forgets_the_request(runtime: Runtime) -> None:
 
 
 def test_router_stream_close_before_any_request_is_harmless(runtime: Runtime) -> None:
-    RouterStream(runtime).close()
+    SyncRouter(runtime).close()
     assert runtime.requests == {}
 
 
@@ -504,7 +514,7 @@ def test_upstream_stream_rewrites_first_attempt_for_its_target(runtime: Runtime)
 
 
 def test_upstream_stream_query_string_is_kept_on_provider_path(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     router.handle(
         headers_message("request_headers", client_headers(CHAT_PATH + "?api-version=2024"))
     )
@@ -766,7 +776,7 @@ def test_router_stream_body_mode_is_kept_without_stream(runtime: Runtime) -> Non
 
 
 def test_router_stream_passes_everything_after_an_immediate_response(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers("/v1/nope")))
     assert immediate(reply)[0] == 404
     # Envoy sends our local reply back through the response path: it must pass untouched.
@@ -785,6 +795,6 @@ def test_router_stream_passes_response_after_body_error(runtime: Runtime) -> Non
 
 
 def test_router_stream_response_without_context_passes(runtime: Runtime) -> None:
-    router = RouterStream(runtime)
+    router = SyncRouter(runtime)
     assert_passthrough(router_status(router, 200), "response_headers")
     assert_passthrough(router.handle(body_message("response_body", b"{}")), "response_body")
