@@ -407,7 +407,23 @@ def validate_config(raw: dict[str, Any]) -> GatewayConfig:
 
 
 _ROUTING_TAGS = frozenset(
-    {"weight-based-routing", "priority-based-routing", "latency-based-routing"}
+    {
+        "weight-based-routing",
+        "priority-based-routing",
+        "latency-based-routing",
+        "round-robin-routing",
+        "round-robin",
+        "least-busy-routing",
+        "least-busy",
+        "lowest-usage-routing",
+        "lowest-usage",
+        "lowest-price-routing",
+        "lowest-price",
+        "highest-throughput-routing",
+        "highest-throughput",
+        "category-based-routing",
+        "category-based",
+    }
 )
 
 

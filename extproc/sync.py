@@ -22,15 +22,8 @@ from extproc.health import HealthTracker, Outcome
 log = logging.getLogger(__name__)
 
 STREAM_MAXLEN = 100_000
-_FIELDS = (
-    "status",
-    "ttfb_s",
-    "duration_s",
-    "output_tokens",
-    "tpot_s",
-    "retry_after_s",
-    "input_tokens",
-)
+_INT_FIELDS = ("status", "output_tokens", "input_tokens")
+_FIELDS = (*_INT_FIELDS, "ttfb_s", "duration_s", "tpot_s", "retry_after_s")
 
 
 def encode(outcome: Outcome, replica: str) -> dict[str, str]:
@@ -52,15 +45,13 @@ def decode(fields: dict[Any, Any]) -> tuple[str, Outcome] | None:
         for k, v in fields.items()
     }
     try:
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"status": None}
         for name in _FIELDS:
             if name in text:
                 raw = float(text[name])
-                values[name] = (
-                    int(raw) if name in ("status", "output_tokens", "input_tokens") else raw
-                )
+                values[name] = int(raw) if name in _INT_FIELDS else raw
         return text["replica"], Outcome(target=text["target"], **values)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         return None
 
 
@@ -166,7 +157,11 @@ class HealthSync:
                     decoded = decode(fields)
                     if decoded is None or decoded[0] == self.replica:
                         continue
-                    self.health().observe(decoded[1], share=False)
+                    try:
+                        self.health().observe(decoded[1], share=False)
+                    except Exception:  # one bad entry must not stop sharing
+                        log.warning("ignored a malformed shared outcome", exc_info=True)
+                        continue
                     self.applied += 1
 
 

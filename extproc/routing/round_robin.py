@@ -1,8 +1,9 @@
 """Round-robin routing: rotate over the healthy targets, one request at a time.
 
 Health-aware because cooling targets are filtered out before the strategy runs: the rotation
-continues over the ones left. The counter is per virtual model and per process, and restarts
-when a new config is loaded.
+continues over the ones left. There is one counter per set of eligible targets (a metadata pool,
+or the pool minus a cooling target), per virtual model and per process; counters restart when a
+new config is loaded.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ class RoundRobinStrategy:
     windows: tuple[float, ...] = ()
 
     def __init__(self) -> None:
-        """Start the rotation at the first target."""
-        self._counter = itertools.count()
+        """Start every rotation at its first target."""
+        self._counters: dict[tuple[str, ...], itertools.count[int]] = {}
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """The targets rotated by one more position than for the previous request."""
         if not targets:
             return []
-        start = next(self._counter) % len(targets)
+        key = tuple(t.key for t in targets)
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) >= 4096:
+                self._counters.clear()
+            counter = self._counters[key] = itertools.count()
+        start = next(counter) % len(targets)
         return [*targets[start:], *targets[:start]]
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:

@@ -53,7 +53,7 @@ class Route:
     targets: tuple[Target, ...]
     category: str | None = None
     keywords: frozenset[str] = frozenset()
-    """Lower-cased words; any of them in the last user message matches."""
+    """Lower-cased words (whole-word match) or phrases with spaces (substring match)."""
     patterns: tuple[re.Pattern[str], ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
 
@@ -68,8 +68,12 @@ class Route:
             return "metadata " + ", ".join(f"{k}={v}" for k, v in self.metadata.items())
         text = request.text
         if self.keywords:
-            words = set(_WORD.findall(text.lower()))
-            hit = next((k for k in sorted(self.keywords) if k in words), None)
+            lowered = text.lower()
+            words = set(_WORD.findall(lowered))
+            hit = next(
+                (k for k in sorted(self.keywords) if (k in lowered if " " in k else k in words)),
+                None,
+            )
             if hit is not None:
                 return f"keyword {hit!r}"
         for pattern in self.patterns:
