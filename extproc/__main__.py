@@ -9,15 +9,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
 from extproc.config import load_config
-from extproc.envoy_config import EnvoySettings, render
+from extproc.envoy_config import (
+    CDS_FILE,
+    DEFAULT_XDS_DIR,
+    EnvoySettings,
+    cds_path,
+    provider_clusters,
+    render,
+    render_cds,
+    write_atomic,
+)
 from extproc.errors import ConfigError
-from extproc.processor import Runtime
 from extproc.routing.table import compile_table
+from extproc.server import DEFAULT_DRAIN_SECONDS
 
 
 def _split_host_port(value: str) -> tuple[str, int]:
@@ -27,18 +35,15 @@ def _split_host_port(value: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-async def _serve(config_path: Path, listen: str) -> int:
-    from extproc.server import start_server
-
-    runtime = Runtime(compile_table(load_config(config_path)))
-    server = await start_server(runtime, listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=10)
-    return 0
+def _drain_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DEFAULT_DRAIN_SECONDS,
+        metavar="SECONDS",
+        help="on SIGTERM, let requests in flight finish for at most this long (default "
+        f"{DEFAULT_DRAIN_SECONDS:g}); a second signal stops at once",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,12 +55,34 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the ext_proc gRPC server")
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--listen", default="127.0.0.1:50051", help="host:port or /unix/socket")
+    serve.add_argument(
+        "--xds-dir",
+        type=Path,
+        default=None,
+        help=f"write Envoy's provider clusters to DIR/{CDS_FILE} (file-based CDS) and keep them "
+        "in sync with the config; the bootstrap must come from `envoy-config --xds-dir DIR`",
+    )
+    serve.add_argument(
+        "--envoy-admin",
+        default=None,
+        metavar="HOST:PORT",
+        help="Envoy's admin address: confirm new clusters are active before routing to them",
+    )
+    serve.add_argument(
+        "--reload-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="poll the config file this often (0: reload on SIGHUP only); default 1",
+    )
+    _drain_flag(serve)
 
     run = sub.add_parser("run", help="run ext_proc + Envoy (+ demo upstreams without --config)")
     run.add_argument("--config", type=Path, default=None)
     run.add_argument("--port", type=int, default=10000)
     run.add_argument("--admin-port", type=int, default=9901)
     run.add_argument("--extproc-port", type=int, default=50051)
+    _drain_flag(run)
 
     gen = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a gateway config")
     gen.add_argument("--config", type=Path, required=True)
@@ -64,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--admin-port", type=int, default=9901)
     gen.add_argument("--extproc", default="127.0.0.1:50051", help="host:port or /unix/socket")
     gen.add_argument("-o", "--output", type=Path, default=None)
+    gen.add_argument(
+        "--xds-dir",
+        default=None,
+        metavar="DIR",
+        help=f"provider clusters come from DIR/{CDS_FILE} (file-based CDS, updated live by "
+        f"`serve --xds-dir DIR`) instead of the bootstrap; e.g. {DEFAULT_XDS_DIR}",
+    )
+    gen.add_argument(
+        "--write-cds",
+        action="store_true",
+        help="also write the initial DIR/" + CDS_FILE + " (e.g. from a Kubernetes initContainer)",
+    )
 
     check = sub.add_parser("check", help="validate a gateway config")
     check.add_argument("--config", type=Path, required=True)
@@ -74,7 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
-            return asyncio.run(_serve(args.config, args.listen))
+            from extproc.server import ServeOptions
+            from extproc.server import serve as serve_forever
+
+            return asyncio.run(
+                serve_forever(
+                    ServeOptions(
+                        config=args.config,
+                        listen=args.listen,
+                        xds_dir=args.xds_dir,
+                        envoy_admin=args.envoy_admin,
+                        reload_interval=args.reload_interval,
+                        drain_seconds=args.drain_seconds,
+                    )
+                )
+            )
         if args.command == "run":
             from extproc.launcher import StackOptions, run_stack
 
@@ -83,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 admin_port=args.admin_port,
                 extproc_port=args.extproc_port,
+                drain_seconds=args.drain_seconds,
             )
             return asyncio.run(run_stack(options))
         if args.command == "envoy-config":
+            if args.write_cds and not args.xds_dir:
+                parser.error("--write-cds needs --xds-dir")
             host, port = _split_host_port(args.extproc)
             settings = EnvoySettings(
                 listen_address=args.listen_address,
@@ -93,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                 admin_port=args.admin_port,
                 extproc_address=host,
                 extproc_port=port,
+                xds_dir=args.xds_dir,
             )
-            text = render(compile_table(load_config(args.config)), settings)
+            table = compile_table(load_config(args.config))
+            text = render(table, settings)
+            if args.write_cds:
+                Path(args.xds_dir).mkdir(parents=True, exist_ok=True)
+                write_atomic(cds_path(args.xds_dir), render_cds(provider_clusters(table, settings)))
             if args.output:
                 args.output.write_text(text, encoding="utf-8")
             else:

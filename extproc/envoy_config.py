@@ -15,6 +15,7 @@ Envoy restart. The listener, route, ext_proc cluster and unrouted cluster are al
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -210,6 +211,63 @@ def provider_cluster(provider: Provider, settings: EnvoySettings) -> dict[str, A
     return cluster
 
 
+def provider_clusters(table: RoutingTable, settings: EnvoySettings) -> list[dict[str, Any]]:
+    """Every provider's cluster, sorted by provider name (stable output for diffs and hashes)."""
+    return [
+        provider_cluster(p, settings)
+        for p in sorted(table.providers.values(), key=lambda p: p.name)
+    ]
+
+
+def cds_path(xds_dir: str | Path) -> str:
+    """The CDS document's path inside an xDS directory."""
+    return os.path.join(str(xds_dir), CDS_FILE)
+
+
+def clusters_version(clusters: list[dict[str, Any]]) -> str:
+    """A content hash of a cluster list: the CDS document's ``version_info``."""
+    canonical = json.dumps(clusters, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def cds_document(clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    """A CDS DiscoveryResponse (as a dict) holding ``clusters``, versioned by their content.
+
+    File-based CDS is state of the world: a cluster missing from the document is removed.
+    """
+    return {
+        "version_info": clusters_version(clusters),
+        "resources": [{"@type": CLUSTER_TYPE_URL, **cluster} for cluster in clusters],
+    }
+
+
+def render_cds(clusters: list[dict[str, Any]]) -> str:
+    """The CDS document for ``clusters`` as YAML text."""
+    header = "# Written by the vmrouter ext_proc from the gateway config; do not edit.\n"
+    return header + yaml.safe_dump(cds_document(clusters), sort_keys=False)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` by renaming a finished temporary file of the same directory.
+
+    Readers (Envoy's file watch included) see the old file or the new one, never a partial one.
+    The file is world-readable: Envoy may run as another user sharing the directory.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _route() -> dict[str, Any]:
     return {
         "name": "vmrouter",
@@ -333,23 +391,23 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
             }
         }
     config["static_resources"] = {
-            "listeners": [
-                {
-                    "name": "vmrouter",
-                    "address": _address(settings.listen_address, settings.listen_port),
-                    "per_connection_buffer_limit_bytes": settings.body_limit_bytes,
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
+        "listeners": [
+            {
+                "name": "vmrouter",
+                "address": _address(settings.listen_address, settings.listen_port),
+                "per_connection_buffer_limit_bytes": settings.body_limit_bytes,
+                "filter_chains": [
+                    {
+                        "filters": [
+                            {
+                                "name": "envoy.filters.network.http_connection_manager",
+                                "typed_config": hcm,
+                            }
+                        ]
+                    }
+                ],
+            }
+        ],
         "clusters": clusters,
     }
     return config

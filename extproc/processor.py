@@ -591,6 +591,8 @@ def _attempt_headers(
         name: context.client_headers.get(name) for name in context.managed_headers
     }
     wanted["authorization"] = None
+    wanted[METADATA_HEADER] = None  # gateway-internal: never forwarded
+    wanted[EXPLAIN_HEADER] = None
     wanted.update(dict.fromkeys(target.headers_remove))
     wanted.update(target.headers_set)
     if provider.auth_header is not None:

@@ -1,44 +1,173 @@
-"""The ext_proc gRPC server: listening, health reporting and shutdown.
+"""The ext_proc gRPC server: listening, health reporting, config reload and graceful shutdown.
 
 This module owns the process around the servicer: a ``grpc.aio`` server on TCP or a Unix socket,
 the standard gRPC health service (SERVING once the first config is loaded), message size limits
-large enough for buffered LLM bodies, and a graceful stop. Config loading lives in ``config``;
-stream handling in ``servicer``.
+large enough for buffered LLM bodies, the config watch (``reload``) and Envoy's cluster file
+(``cds``) wired to it, and the drain on SIGTERM:
+
+1. the health service reports NOT_SERVING at once (readiness probes take the pod out);
+2. new client requests are refused: a new router-level stream is answered with an OpenAI-style 503
+   (``code: draining``, ``retry-after``), which clients and SDKs retry elsewhere; upstream-level
+   streams are still accepted, because they carry the attempts (retries, fallbacks) of requests
+   already in flight;
+3. the process waits until no stream is open, at most the drain bound, then stops the server
+   (cancelling whatever is left) and exits 0. A second signal cuts the wait short.
+
+Config loading lives in ``config``; stream handling in ``servicer``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc._gen import ext_proc_pb2_grpc
+from extproc import envoy
+from extproc._gen import ext_proc_pb2, ext_proc_pb2_grpc
+from extproc.cds import ClusterPublisher
+from extproc.envoy_config import FILTER_ROLE_HEADER, ROLE_UPSTREAM, EnvoySettings
+from extproc.errors import error_body
 from extproc.processor import Runtime
+from extproc.reload import ConfigReloader, load_config_file
 from extproc.servicer import ExtProcServicer
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """gRPC message limit; above Envoy's buffered body limit so large prompts pass."""
+PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+DEFAULT_DRAIN_SECONDS = 20.0
+"""Default bound for in-flight streams to finish after SIGTERM (below Kubernetes' 30 s grace)."""
+_IDLE_POLL_SECONDS = 0.05
+DRAINING_RETRY_AFTER_SECONDS = 1
+
+
+def _draining_response() -> envoy.ProcessingResponse:
+    return envoy.immediate_response(
+        503,
+        error_body(
+            "The gateway is shutting down; retry the request.", "service_unavailable", "draining"
+        ),
+        headers=[("retry-after", str(DRAINING_RETRY_AFTER_SECONDS))],
+        details="vmrouter_draining",
+    )
+
+
+async def _refuse_while_draining(
+    request_iterator: AsyncIterator[envoy.ProcessingRequest], context: Any
+) -> AsyncIterator[envoy.ProcessingResponse]:
+    """A router stream opened during the drain: answer 503, then pass our own reply through."""
+    answered = False
+    async for request in request_iterator:
+        if not answered:
+            answered = True
+            yield _draining_response()
+        else:
+            # Envoy sends the local reply through this filter's response path: let it pass.
+            yield envoy.continue_response(request.WhichOneof("request") or "response_headers")
+
+
+_REFUSE_HANDLER = grpc.stream_stream_rpc_method_handler(
+    _refuse_while_draining,
+    request_deserializer=ext_proc_pb2.ProcessingRequest.FromString,
+    response_serializer=ext_proc_pb2.ProcessingResponse.SerializeToString,
+)
+
+
+class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Lets every stream through until the drain starts; then only upstream-level ones."""
+
+    def __init__(self) -> None:
+        """Start open."""
+        self.draining = False
+        self.refused = 0
+        """Router streams refused while draining."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        """Route a new call: the real handler, or the 503 answer for a new request."""
+        if self.draining and handler_call_details.method == PROCESS_METHOD:
+            metadata = dict(handler_call_details.invocation_metadata or ())
+            if metadata.get(FILTER_ROLE_HEADER) != ROLE_UPSTREAM:
+                self.refused += 1
+                return _REFUSE_HANDLER
+        return await continuation(handler_call_details)
 
 
 @dataclass(slots=True)
 class RunningServer:
-    """A started server and the pieces needed to stop it."""
+    """A started server and the pieces needed to drain and stop it."""
 
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     servicer: ExtProcServicer
     port: int
     """The bound TCP port (0 for a Unix socket)."""
+    gate: DrainGate = field(default_factory=DrainGate)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the drain has started."""
+        return self.gate.draining
+
+    @property
+    def active_streams(self) -> int:
+        """ext_proc streams open right now (router and upstream)."""
+        return self.servicer.active_streams
+
+    async def begin_drain(self) -> None:
+        """Report NOT_SERVING and refuse new requests; streams in flight go on."""
+        if self.gate.draining:
+            return
+        self.gate.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info(
+            "draining: health NOT_SERVING, new requests refused, %d streams in flight",
+            self.active_streams,
+        )
+
+    async def wait_idle(
+        self,
+        timeout: float,
+        *,
+        hurry: asyncio.Event | None = None,
+        also_idle: Callable[[], Awaitable[bool]] | None = None,
+    ) -> bool:
+        """Wait until no stream is open (and ``also_idle`` agrees); False on timeout or hurry."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            if self.active_streams == 0 and (also_idle is None or await also_idle()):
+                return True
+            if loop.time() >= deadline or (hurry is not None and hurry.is_set()):
+                return False
+            await asyncio.sleep(_IDLE_POLL_SECONDS)
+
+    async def drain(self, timeout: float, *, hurry: asyncio.Event | None = None) -> int:
+        """Drain within ``timeout`` seconds, then stop; return how many streams were cut."""
+        await self.begin_drain()
+        idle = await self.wait_idle(timeout, hurry=hurry)
+        cut = self.active_streams
+        if not idle:
+            log.warning("drain bound reached: cancelling %d streams still open", cut)
+        await self.server.stop(0)
+        log.info("ext_proc stopped (%d requests refused while draining)", self.gate.refused)
+        return cut
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight streams finish within ``grace`` seconds, then stop."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        """Drain for at most ``grace`` seconds, then stop."""
+        await self.drain(grace)
 
 
 def bind_target(address: str) -> str:
@@ -50,12 +179,14 @@ def bind_target(address: str) -> str:
 
 async def start_server(runtime: Runtime, address: str) -> RunningServer:
     """Start serving ext_proc and gRPC health on ``address``."""
+    gate = DrainGate()
     server = grpc.aio.server(
+        interceptors=[gate],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     servicer = ExtProcServicer(runtime)
     ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -64,11 +195,98 @@ async def start_server(runtime: Runtime, address: str) -> RunningServer:
     port = server.add_insecure_port(bind_target(address))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(
-        "envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING
-    )
+    await health_servicer.set(EXTPROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     log.info("ext_proc listening on %s", address if port == 0 else f"{address} (port {port})")
-    return RunningServer(server=server, health=health_servicer, servicer=servicer, port=port)
+    return RunningServer(
+        server=server, health=health_servicer, servicer=servicer, port=port, gate=gate
+    )
+
+
+class ShutdownSignals:
+    """SIGTERM/SIGINT: the first asks for a drain, a second one hurries it; SIGHUP reloads."""
+
+    def __init__(self, on_hangup: Callable[[], None] | None = None) -> None:
+        """Install the handlers on the running loop."""
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._signals = [signal.SIGTERM, signal.SIGINT]
+        for sig in self._signals:
+            self._loop.add_signal_handler(sig, self._on_stop, sig)
+        if on_hangup is not None:
+            self._signals.append(signal.SIGHUP)
+            self._loop.add_signal_handler(signal.SIGHUP, on_hangup)
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        if self.requested.is_set():
+            log.warning("%s again: stopping without waiting for streams in flight", sig.name)
+            self.hurry.set()
+        else:
+            log.info("%s: draining", sig.name)
+            self.requested.set()
+
+    def remove(self) -> None:
+        """Restore the default handlers."""
+        for sig in self._signals:
+            self._loop.remove_signal_handler(sig)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """What ``python -m extproc serve`` runs."""
+
+    config: Path
+    listen: str = "127.0.0.1:50051"
+    xds_dir: Path | None = None
+    """Write Envoy's provider clusters here (file-based CDS) and keep them in sync on reload."""
+    envoy_admin: str | None = None
+    """``host:port`` of Envoy's admin API, to confirm new clusters before routing to them."""
+    reload_interval: float = 1.0
+    """Seconds between config file polls; 0 reloads on SIGHUP only."""
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    environ: Mapping[str, str] | None = None
+
+
+async def serve(options: ServeOptions) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; return the exit code (0 after a drain)."""
+    loaded = load_config_file(options.config, options.environ)
+    runtime = Runtime(loaded.table)
+    await runtime.start_shared_state()
+    publisher: ClusterPublisher | None = None
+    if options.xds_dir is not None:
+        publisher = ClusterPublisher(
+            options.xds_dir,
+            EnvoySettings(xds_dir=str(options.xds_dir)),
+            envoy_admin=options.envoy_admin,
+        )
+        # Envoy may start (or restart) at any time: the file must hold the served clusters.
+        change = publisher.write(loaded.table)
+        log.info(
+            "Envoy clusters %s %s (version %s)",
+            "written to" if change.written else "already current in",
+            publisher.path,
+            publisher.version,
+        )
+    reloader = ConfigReloader(
+        options.config,
+        runtime,
+        loaded=loaded,
+        publisher=publisher,
+        interval=options.reload_interval,
+        environ=options.environ,
+    )
+    server = await start_server(runtime, options.listen)
+    signals = ShutdownSignals(on_hangup=reloader.trigger)
+    watch = reloader.start()
+    try:
+        await signals.requested.wait()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await server.drain(options.drain_seconds, hurry=signals.hurry)
+        await runtime.close()
+        signals.remove()
+    return 0
 
 
 async def wait_forever() -> None:

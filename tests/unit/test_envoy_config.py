@@ -6,8 +6,18 @@ from pathlib import Path
 
 import yaml
 
+from extproc.__main__ import main as cli
 from extproc.config import load_config, parse_config
-from extproc.envoy_config import EnvoySettings, bootstrap, render
+from extproc.envoy_config import (
+    EnvoySettings,
+    bootstrap,
+    cds_document,
+    clusters_version,
+    provider_clusters,
+    render,
+    render_cds,
+    write_atomic,
+)
 from extproc.routing.table import compile_table
 from tests.integration.stack import validate_with_envoy
 
@@ -97,3 +107,57 @@ def test_generated_protos_are_current(tmp_path: Path) -> None:
         fresh = (tmp_path / "extproc" / "_gen" / name).read_text()
         committed = (ROOT / "extproc" / "_gen" / name).read_text()
         assert fresh == committed, f"extproc/_gen/{name} is stale: run `make protos`"
+
+
+def test_envoy_config_xds_dir_moves_provider_clusters_to_file_cds(tmp_path: Path) -> None:
+    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    xds = tmp_path / "xds"
+    config = bootstrap(table, EnvoySettings(xds_dir=str(xds)))
+    static = [c["name"] for c in config["static_resources"]["clusters"]]
+    assert static == ["vmrouter_unrouted", "vmrouter_extproc"]
+    assert config["node"] == {"id": "vmrouter", "cluster": "vmrouter"}
+    source = config["dynamic_resources"]["cds_config"]["path_config_source"]
+    assert source == {"path": str(xds / "cds.yaml"), "watched_directory": {"path": str(xds)}}
+    document = cds_document(provider_clusters(table, EnvoySettings()))
+    assert [r["name"] for r in document["resources"]] == ["provider_local.vllm", "provider_openai"]
+    assert document["version_info"] == clusters_version(provider_clusters(table, EnvoySettings()))
+
+
+def test_envoy_config_dynamic_bootstrap_and_its_clusters_validate(tmp_path: Path) -> None:
+    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    xds = tmp_path / "xds"
+    xds.mkdir()
+    settings = EnvoySettings(xds_dir=str(xds))
+    write_atomic(xds / "cds.yaml", render_cds(provider_clusters(table, settings)))
+    _validate(render(table, settings), tmp_path)
+    # Validate mode does not load CDS files, so check the clusters as static ones too.
+    inlined = bootstrap(table, settings)
+    del inlined["dynamic_resources"]
+    resources = yaml.safe_load((xds / "cds.yaml").read_text())["resources"]
+    inlined["static_resources"]["clusters"] += [
+        {k: v for k, v in r.items() if k != "@type"} for r in resources
+    ]
+    _validate(yaml.safe_dump(inlined), tmp_path)
+
+
+def test_envoy_config_cli_writes_bootstrap_and_initial_cds(tmp_path: Path) -> None:
+    xds = tmp_path / "shared"
+    out = tmp_path / "envoy.yaml"
+    code = cli(
+        [
+            "envoy-config",
+            "--config",
+            str(ROOT / "extproc" / "demo" / "gateway.yaml"),
+            "--xds-dir",
+            str(xds),
+            "--write-cds",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0
+    written = yaml.safe_load((xds / "cds.yaml").read_text())
+    assert {r["name"] for r in written["resources"]} == {"provider_alpha", "provider_beta"}
+    dynamic = yaml.safe_load(out.read_text())["dynamic_resources"]
+    assert dynamic["cds_config"]["path_config_source"]["path"] == str(xds / "cds.yaml")
+    _validate(out.read_text(), tmp_path)
