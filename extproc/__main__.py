@@ -75,7 +75,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help="poll the config file this often (0: reload on SIGHUP only); default 1",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        metavar="HOST:PORT",
+        help="HTTP listener for /metrics, /healthz and /explain ('' turns it off)",
+    )
     _drain_flag(serve)
+
+    explain = sub.add_parser("explain", help="print the decision a request would get now, and why")
+    explain.add_argument("--config", type=Path, default=None, help="offline, from a config file")
+    explain.add_argument(
+        "--live", default=None, metavar="URL", help="ask a running ext_proc (its metrics listener)"
+    )
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--operation", default="chat", help="chat, completion or embedding")
+    explain.add_argument("--metadata", default=None, help="request metadata as a JSON object")
+    explain.add_argument(
+        "--header", action="append", default=[], metavar="NAME=VALUE", help="a request header"
+    )
+    explain.add_argument("--message", default="", help="the last user message (category rules)")
 
     run = sub.add_parser("run", help="run ext_proc + Envoy (+ demo upstreams without --config)")
     run.add_argument("--config", type=Path, default=None)
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         envoy_admin=args.envoy_admin,
                         reload_interval=args.reload_interval,
                         drain_seconds=args.drain_seconds,
+                        metrics_listen=args.metrics_listen or None,
                     )
                 )
             )
@@ -161,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sys.stdout.write(text)
             return 0
+        if args.command == "explain":
+            from extproc.explain_cli import run as run_explain
+
+            code, text = run_explain(
+                args.config,
+                args.model,
+                live=args.live,
+                operation=args.operation,
+                metadata_json=args.metadata,
+                header_args=args.header,
+                message=args.message,
+            )
+            print(text, file=sys.stdout if code == 0 else sys.stderr)
+            return code
         if args.command == "check":
             config = load_config(args.config)
             count = sum(len(g.virtual_models) for g in config.virtual_model_groups)

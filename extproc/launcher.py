@@ -33,7 +33,14 @@ from extproc.envoy_config import EnvoySettings, render
 from extproc.processor import Runtime
 from extproc.reload import ConfigReloader, load_config_file
 from extproc.routing.table import RoutingTable
-from extproc.server import DEFAULT_DRAIN_SECONDS, ShutdownSignals, start_server
+from extproc.server import (
+    DEFAULT_DRAIN_SECONDS,
+    ShutdownSignals,
+    count_reloads,
+    start_observability,
+    start_server,
+)
+from extproc.telemetry import otlp_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ class StackOptions:
     listen_address: str = "127.0.0.1"
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     reload_interval: float = 1.0
+    metrics_port: int = 9464
 
 
 def find_envoy() -> str:
@@ -98,12 +106,15 @@ def _banner(options: StackOptions, table: RoutingTable, demo: bool, config: Path
     names = [vm.name for vm in table.virtual_models]
     example = "prod-chat" if demo else (names[0] if names else "<provider>/<model>")
     base = f"http://localhost:{options.port}"
+    metrics = f"http://127.0.0.1:{options.metrics_port}"
     return (
         f"\nvmrouter is up: Envoy on {base}, ext_proc on 127.0.0.1:{options.extproc_port}\n"
         f"virtual models: {', '.join(names) or '(none)'}\n"
         f"try:\n  curl -si {base}/v1/chat/completions -H 'content-type: application/json' \\\n"
         f'    -d \'{{"model":"{example}","messages":[{{"role":"user","content":"hi"}}]}}\'\n'
         f"  curl -s {base}/v1/models\n"
+        f"  python -m extproc explain --live {metrics} --model {example}\n"
+        f"metrics: {metrics}/metrics\n"
         f"Edits to {config} take effect live (new providers included).\n"
         "Ctrl-C drains and stops everything.\n"
     )
@@ -120,8 +131,12 @@ async def run_stack(options: StackOptions) -> int:
         for name, port in DEMO_UPSTREAMS:
             runner, _ = await FakeUpstream(name).start("127.0.0.1", port)
             runners.append(runner)
-    runtime = Runtime(loaded.table)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    runtime = Runtime(loaded.table, telemetry=otlp_telemetry())
     await runtime.start_shared_state()
+    metrics = await start_observability(runtime, f"127.0.0.1:{options.metrics_port}")
+    if metrics is not None:
+        runners.append(metrics)
     workdir = Path(tempfile.mkdtemp(prefix="vmrouter-"))
     xds_dir = workdir / "xds"
     settings = EnvoySettings(
@@ -140,6 +155,7 @@ async def run_stack(options: StackOptions) -> int:
         loaded=loaded,
         publisher=publisher,
         interval=options.reload_interval,
+        on_reload=count_reloads(runtime),
     )
     envoy_yaml = workdir / "envoy.yaml"
     envoy_yaml.write_text(render(loaded.table, settings), encoding="utf-8")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import envoy
@@ -34,9 +35,11 @@ from extproc._gen import ext_proc_pb2, ext_proc_pb2_grpc
 from extproc.cds import ClusterPublisher
 from extproc.envoy_config import FILTER_ROLE_HEADER, ROLE_UPSTREAM, EnvoySettings
 from extproc.errors import error_body
+from extproc.metrics_http import start_metrics_server
 from extproc.processor import Runtime
-from extproc.reload import ConfigReloader, load_config_file
+from extproc.reload import ConfigReloader, ReloadResult, load_config_file
 from extproc.servicer import ExtProcServicer
+from extproc.telemetry import otlp_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +248,38 @@ class ServeOptions:
     """Seconds between config file polls; 0 reloads on SIGHUP only."""
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     environ: Mapping[str, str] | None = None
+    metrics_listen: str | None = "127.0.0.1:9464"
+    """``host:port`` of the HTTP listener for /metrics, /healthz and /explain (None: off)."""
+
+
+async def start_observability(runtime: Runtime, listen: str | None) -> web.AppRunner | None:
+    """Serve /metrics, /healthz and /explain for ``runtime`` on ``listen`` (``host:port``)."""
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    runner, bound = await start_metrics_server(
+        runtime.telemetry, host or "127.0.0.1", int(port), runtime=runtime
+    )
+    log.info("metrics, health and explain on http://%s:%s", host or "127.0.0.1", bound)
+    return runner
+
+
+def count_reloads(runtime: Runtime) -> Callable[[ReloadResult], None]:
+    """A reload listener that counts reloads by result in ``vmrouter.config.reloads``."""
+
+    def counted(result: ReloadResult) -> None:
+        outcome = "success" if result.ok else "failure"
+        runtime.telemetry.reloads.add(1, {"vmrouter.result": outcome})
+
+    return counted
 
 
 async def serve(options: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT, then drain; return the exit code (0 after a drain)."""
     loaded = load_config_file(options.config, options.environ)
-    runtime = Runtime(loaded.table)
+    runtime = Runtime(loaded.table, telemetry=otlp_telemetry())
     await runtime.start_shared_state()
+    metrics = await start_observability(runtime, options.metrics_listen)
     publisher: ClusterPublisher | None = None
     if options.xds_dir is not None:
         publisher = ClusterPublisher(
@@ -274,6 +302,7 @@ async def serve(options: ServeOptions) -> int:
         publisher=publisher,
         interval=options.reload_interval,
         environ=options.environ,
+        on_reload=count_reloads(runtime),
     )
     server = await start_server(runtime, options.listen)
     signals = ShutdownSignals(on_hangup=reloader.trigger)
@@ -285,6 +314,9 @@ async def serve(options: ServeOptions) -> int:
         await asyncio.gather(watch, return_exceptions=True)
         await server.drain(options.drain_seconds, hurry=signals.hurry)
         await runtime.close()
+        if metrics is not None:
+            await metrics.cleanup()
+        runtime.telemetry.shutdown()
         signals.remove()
     return 0
 
