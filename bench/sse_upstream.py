@@ -1,0 +1,133 @@
+"""A tiny OpenAI-style streaming upstream for the time-to-first-chunk benchmark.
+
+Why not an Envoy ``direct_response``: a direct response is one body sent at once, so it cannot show
+whether the gateway passes the first chunk on before the rest exists. This server answers every
+request (any path) with ``text/event-stream``: the first chunk at once, then ``--chunks`` content
+chunks ``--interval-ms`` apart, a usage chunk and ``data: [DONE]``. It is a raw asyncio protocol
+(HTTP/1.1, keep-alive, chunked), so its own cost per request is small; it runs on the client core.
+
+Only the streaming measurement goes here (mock Envoy routes requests carrying ``x-bench-stream`` to
+it); the throughput runs never touch it.
+
+    python bench/sse_upstream.py --port 18998 [--chunks 10 --interval-ms 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+
+MODEL = "bench-stream-model"
+
+
+def _event(payload: dict[str, object] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    raw = f"data: {data}\n\n".encode()
+    return b"%x\r\n%s\r\n" % (len(raw), raw)
+
+
+def _chunk(index: int, content: str | None, finish: str | None = None) -> dict[str, object]:
+    delta: dict[str, str] = {}
+    if index == 0:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream\r\n"
+    b"cache-control: no-cache\r\n"
+    b"transfer-encoding: chunked\r\n"
+    b"\r\n"
+)
+
+
+class StreamProtocol(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; requests are answered one after the other."""
+
+    def __init__(self, chunks: int, interval: float) -> None:
+        self.chunks = chunks
+        self.interval = interval
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._maybe_answer()
+
+    def _maybe_answer(self) -> None:
+        if self.busy:
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].decode("latin-1")
+        length = 0
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip() or 0)
+        total = end + 4 + length
+        if len(self.buffer) < total:
+            return
+        self.buffer = self.buffer[total:]
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(HEAD + _event(_chunk(0, "")))
+        for i in range(1, self.chunks + 1):
+            await asyncio.sleep(self.interval)
+            if transport.is_closing():
+                return
+            transport.write(_event(_chunk(i, f"tok{i} ")))
+        usage = {
+            **_chunk(self.chunks + 1, None, "stop"),
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": self.chunks,
+                "total_tokens": 12 + self.chunks,
+            },
+        }
+        usage["choices"] = []
+        transport.write(_event(usage) + _event("[DONE]") + b"0\r\n\r\n")
+        self.busy = False
+        self._maybe_answer()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--interval-ms", type=float, default=2.0)
+    args = parser.parse_args()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: StreamProtocol(args.chunks, args.interval_ms / 1000.0), "127.0.0.1", args.port
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

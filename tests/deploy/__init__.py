@@ -1,0 +1,1 @@
+"""Deployment artefacts: Dockerfile, compose.yaml and k8s/ (static checks and the docker tier)."""
