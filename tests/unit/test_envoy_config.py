@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from extproc.__main__ import main as cli
-from extproc.config import load_config, parse_config
+from extproc.config import load_config
 from extproc.envoy_config import (
     EnvoySettings,
     bootstrap,
@@ -20,6 +20,7 @@ from extproc.envoy_config import (
 )
 from extproc.routing.table import compile_table
 from tests.integration.stack import validate_with_envoy
+from tests.unit.support import table_from_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +43,7 @@ def _validate(text: str, tmp_path: Path) -> None:
 
 
 def test_envoy_config_https_provider_gets_tls_with_sni() -> None:
-    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    table = table_from_yaml(TLS_CONFIG)
     config = bootstrap(table, EnvoySettings())
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
     openai = clusters["provider_openai"]
@@ -60,12 +61,12 @@ def test_envoy_config_https_provider_gets_tls_with_sni() -> None:
 
 
 def test_envoy_config_https_provider_validates(tmp_path: Path) -> None:
-    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    table = table_from_yaml(TLS_CONFIG)
     _validate(render(table, EnvoySettings()), tmp_path)
 
 
 def test_envoy_config_unix_socket_extproc_validates(tmp_path: Path) -> None:
-    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    table = table_from_yaml(TLS_CONFIG)
     text = render(table, EnvoySettings(extproc_address="/tmp/vmrouter.sock"))
     assert yaml.safe_load(text)["static_resources"]["clusters"][-1]["load_assignment"]["endpoints"][
         0
@@ -110,7 +111,7 @@ def test_generated_protos_are_current(tmp_path: Path) -> None:
 
 
 def test_envoy_config_xds_dir_moves_provider_clusters_to_file_cds(tmp_path: Path) -> None:
-    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    table = table_from_yaml(TLS_CONFIG)
     xds = tmp_path / "xds"
     config = bootstrap(table, EnvoySettings(xds_dir=str(xds)))
     static = [c["name"] for c in config["static_resources"]["clusters"]]
@@ -124,7 +125,7 @@ def test_envoy_config_xds_dir_moves_provider_clusters_to_file_cds(tmp_path: Path
 
 
 def test_envoy_config_dynamic_bootstrap_and_its_clusters_validate(tmp_path: Path) -> None:
-    table = compile_table(parse_config(TLS_CONFIG), environ={})
+    table = table_from_yaml(TLS_CONFIG)
     xds = tmp_path / "xds"
     xds.mkdir()
     settings = EnvoySettings(xds_dir=str(xds))

@@ -6,10 +6,16 @@ from random import Random
 
 import pytest
 
-from extproc.config import parse_config
-from extproc.health import HealthTracker, Outcome
+from extproc.health import HealthTracker
 from extproc.routing.explain import Explanation
-from extproc.routing.table import RequestFacts, RoutingTable, compile_table
+from extproc.routing.table import RequestFacts, RoutingTable
+from tests.unit.support import (
+    FakeClock,
+    health_tracker,
+    observe_failures,
+    observe_tpot,
+    table_from_yaml,
+)
 
 CONFIG = """
 gateway:
@@ -77,16 +83,6 @@ virtual_model_groups:
 A, B, C, D, E = "p/a", "p/b", "p/c", "p/d", "p/e"
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def clock() -> FakeClock:
     return FakeClock()
@@ -94,23 +90,17 @@ def clock() -> FakeClock:
 
 @pytest.fixture()
 def table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 @pytest.fixture()
 def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return HealthTracker(table.health_settings, clock=clock, windows=table.tpot_windows)
+    return health_tracker(table, clock)
 
 
 def cool(health: HealthTracker, key: str) -> None:
-    for _ in range(3):
-        health.observe(Outcome(target=key, status=503))
+    observe_failures(health, key, 3)
     assert not health.available(key)
-
-
-def tpot(health: HealthTracker, key: str, seconds: float, n: int = 3) -> None:
-    for _ in range(n):
-        health.observe(Outcome(target=key, status=200, tpot_s=seconds, output_tokens=10))
 
 
 def explain(
@@ -230,9 +220,9 @@ def test_explain_priority_ties_and_matching_pool(
 def test_explain_latency_with_metadata_cooling_and_fallback_filters(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    tpot(health, A, 0.020)
-    tpot(health, B, 0.050)
-    tpot(health, D, 0.100)
+    observe_tpot(health, A, 0.020)
+    observe_tpot(health, B, 0.050)
+    observe_tpot(health, D, 0.100)
     cool(health, C)
     explanation, plan = explain(table, "explain/latency", health, {"region": "EU"})
     assert explanation.strategy == "latency-based-routing"
@@ -252,7 +242,7 @@ def test_explain_latency_with_metadata_cooling_and_fallback_filters(
 
 
 def test_explain_latency_exploring_targets(table: RoutingTable, health: HealthTracker) -> None:
-    tpot(health, A, 0.020, n=2)
+    observe_tpot(health, A, 0.020, n=2)
     explanation, _ = explain(table, "explain/latency", health, {"region": "US"})
     assert explanation.pools == [("metadata match", [E]), ("unconditioned", [A, B, C, D])]
     assert explanation.scores[A] == "exploring (2 of 3 samples)"

@@ -5,19 +5,10 @@ from __future__ import annotations
 import pytest
 
 from extproc.health import HealthSettings, HealthTracker, Outcome, is_failure, parse_retry_after
+from tests.unit.support import FakeClock
 
 KEY = "prov/model"
 OTHER = "prov/other"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 SETTINGS = HealthSettings(

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from random import Random
 
 import pytest
 
-from extproc.config import parse_config
 from extproc.health import HealthSettings, HealthTracker, Outcome
-from extproc.routing.table import RoutingTable, compile_table
+from extproc.routing.table import RoutingTable
+from tests.unit.support import (
+    FakeClock,
+    health_tracker,
+    observe_failures,
+    observe_tpot,
+    plans,
+    primaries,
+    table_from_yaml,
+)
 
 CONFIG = """
 gateway:
@@ -65,19 +72,9 @@ A, B, C, X, Y = "p/a", "p/b", "p/c", "p/x", "p/y"
 SPLIT, STRICT, SLA, LONELY = "health/split", "health/strict", "health/sla", "health/lonely"
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_table(probe_ratio: float | None = None) -> RoutingTable:
     probe = "" if probe_ratio is None else f"    sla_probe_ratio: {probe_ratio}"
-    return compile_table(parse_config(CONFIG.format(probe=probe)), environ={})
+    return table_from_yaml(CONFIG.format(probe=probe))
 
 
 @pytest.fixture()
@@ -90,18 +87,9 @@ def table() -> RoutingTable:
     return make_table(0.0)
 
 
-def tracker(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return HealthTracker(table.health_settings, clock=clock, windows=table.tpot_windows)
-
-
 @pytest.fixture()
 def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return tracker(table, clock)
-
-
-def fail(health: HealthTracker, key: str, n: int = 1) -> None:
-    for _ in range(n):
-        health.observe(Outcome(target=key, status=503))
+    return health_tracker(table, clock)
 
 
 def rate_limit(health: HealthTracker, key: str, seconds: float) -> None:
@@ -109,19 +97,7 @@ def rate_limit(health: HealthTracker, key: str, seconds: float) -> None:
 
 
 def tpot(health: HealthTracker, key: str, value: float, n: int = 1) -> None:
-    for _ in range(n):
-        health.observe(Outcome(target=key, status=200, tpot_s=value, output_tokens=20))
-
-
-def plans(
-    table: RoutingTable, health: HealthTracker, name: str, n: int, seed: int = 1
-) -> list[list[str]]:
-    rng = Random(seed)
-    return [[t.key for t in table.resolve(name, "chat", rng, health).plan] for _ in range(n)]
-
-
-def primaries(plan_list: list[list[str]]) -> Counter[str]:
-    return Counter(plan[0] for plan in plan_list)
+    observe_tpot(health, key, value, n, output_tokens=20)
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -167,7 +143,7 @@ def test_resolve_healthy_weighted_split_is_unchanged(
 def test_resolve_cooling_target_weight_spreads_over_the_rest(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, A, 3)
+    observe_failures(health, A, 3)
     assert not health.available(A)
     plan_list = plans(table, health, SPLIT, 10_000)
     counts = primaries(plan_list)
@@ -184,7 +160,7 @@ def test_resolve_cooling_target_weight_spreads_over_the_rest(
 def test_resolve_cooling_non_candidate_is_not_kept_as_fallback(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, A, 3)
+    observe_failures(health, A, 3)
     plan_list = plans(table, health, STRICT, 2_000)
     for plan in plan_list:
         assert sorted(plan) == [B, C]
@@ -195,7 +171,7 @@ def test_resolve_cooling_non_candidate_is_not_kept_as_fallback(
 def test_resolve_target_is_primary_again_after_cooldown(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
-    fail(health, A, 3)
+    observe_failures(health, A, 3)
     clock.now += 9.9
     assert A not in primaries(plans(table, health, SPLIT, 1_000))
     clock.now += 0.1
@@ -218,7 +194,7 @@ def test_resolve_two_cooling_targets_are_held_least_bad_first(
     table: RoutingTable, health: HealthTracker
 ) -> None:
     rate_limit(health, A, 60.0)
-    fail(health, B, 3)  # 10 s
+    observe_failures(health, B, 3)  # 10 s
     for plan in plans(table, health, SPLIT, 500):
         assert plan == [C, B, A]
 
@@ -230,7 +206,7 @@ def test_resolve_all_cooling_still_routes_to_least_bad(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
     rate_limit(health, A, 30.0)  # 30 s left, 1 failure
-    fail(health, B, 3)  # 10 s left, 3 failures
+    observe_failures(health, B, 3)  # 10 s left, 3 failures
     rate_limit(health, C, 10.0)  # 10 s left, 1 failure: ties B on time, fewer failures
     for plan in plans(table, health, SPLIT, 500):
         assert plan == [C, B, A]
@@ -241,7 +217,7 @@ def test_resolve_all_cooling_still_routes_to_least_bad(
 def test_resolve_all_cooling_prefers_shortest_cooldown_over_fewest_failures(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, A, 3)  # 10 s, 3 failures
+    observe_failures(health, A, 3)  # 10 s, 3 failures
     rate_limit(health, B, 80.0)  # 80 s, 1 failure
     rate_limit(health, C, 40.0)  # 40 s, 1 failure
     for plan in plans(table, health, SPLIT, 200):
@@ -251,7 +227,8 @@ def test_resolve_all_cooling_prefers_shortest_cooldown_over_fewest_failures(
 def test_resolve_all_cooling_primary_may_be_a_non_candidate(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, A, 3)  # least bad, but not a fallback candidate: it is still the primary
+    # least bad, but not a fallback candidate: it is still the primary
+    observe_failures(health, A, 3)
     rate_limit(health, B, 80.0)
     rate_limit(health, C, 40.0)
     assert plans(table, health, STRICT, 1) == [[A, C, B]]
@@ -262,7 +239,7 @@ def test_resolve_all_cooling_primary_may_be_a_non_candidate(
 def test_resolve_all_cooling_single_target_still_goes_out(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, X, 5)
+    observe_failures(health, X, 5)
     assert not health.available(X)
     assert plans(table, health, LONELY, 1) == [[X]]
 
@@ -301,7 +278,7 @@ def test_resolve_sla_over_cutoff_with_probe_ratio_one_is_always_primary(
     clock: FakeClock,
 ) -> None:
     table = make_table(1.0)
-    health = tracker(table, clock)
+    health = health_tracker(table, clock)
     tpot(health, X, 0.08, 5)
     assert plans(table, health, SLA, 1_000) == [[X, Y]] * 1_000
 
@@ -309,7 +286,7 @@ def test_resolve_sla_over_cutoff_with_probe_ratio_one_is_always_primary(
 @pytest.mark.parametrize("ratio", [0.1, 0.3])
 def test_resolve_sla_over_cutoff_gets_probe_share(clock: FakeClock, ratio: float) -> None:
     table = make_table(ratio)
-    health = tracker(table, clock)
+    health = health_tracker(table, clock)
     tpot(health, X, 0.08, 5)
     plan_list = plans(table, health, SLA, 10_000)
     share = primaries(plan_list)[X] / 10_000
@@ -319,7 +296,7 @@ def test_resolve_sla_over_cutoff_gets_probe_share(clock: FakeClock, ratio: float
 
 def test_resolve_sla_default_probe_share_is_small(clock: FakeClock) -> None:
     table = make_table()
-    health = tracker(table, clock)
+    health = health_tracker(table, clock)
     tpot(health, X, 0.08, 5)
     share = primaries(plans(table, health, SLA, 20_000))[X] / 20_000
     assert abs(share - 0.05) < 0.01
@@ -351,7 +328,7 @@ def test_resolve_sla_recovers_through_probe_samples(clock: FakeClock) -> None:
     # The probe share keeps measuring: each probed request reports a fast TPOT, and the
     # target comes back without the slow samples having to age out.
     table = make_table(0.2)
-    health = tracker(table, clock)
+    health = health_tracker(table, clock)
     rng = Random(3)
     tpot(health, X, 0.09, 3)
     probes = 0
@@ -389,7 +366,7 @@ def test_resolve_sla_and_cooldown_both_hold_a_target(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
     tpot(health, X, 0.01, 3)  # fast, but cooling down
-    fail(health, X, 3)
+    observe_failures(health, X, 3)
     assert plans(table, health, SLA, 100) == [[Y, X]] * 100
     clock.now += 10.0
     assert plans(table, health, SLA, 100) == [[X, Y]] * 100

@@ -7,10 +7,17 @@ from random import Random
 
 import pytest
 
-from extproc.config import parse_config
 from extproc.health import HealthTracker, Outcome
 from extproc.routing.latency import LatencyStrategy
-from extproc.routing.table import RoutingTable, compile_table
+from extproc.routing.table import RoutingTable
+from tests.unit.support import (
+    FakeClock,
+    health_tracker,
+    observe_tpot,
+    plans,
+    primaries,
+    table_from_yaml,
+)
 
 CONFIG = """
 providers:
@@ -45,19 +52,9 @@ TUNED = "lat/tuned"
 DEFAULT = "lat/default"
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 @pytest.fixture()
@@ -67,23 +64,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture()
 def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return HealthTracker(table.health_settings, clock=clock, windows=table.tpot_windows)
-
-
-def measure(health: HealthTracker, key: str, tpot_s: float, n: int = 3) -> None:
-    for _ in range(n):
-        health.observe(Outcome(target=key, status=200, tpot_s=tpot_s, output_tokens=10))
-
-
-def plans(
-    table: RoutingTable, health: HealthTracker, name: str, n: int, seed: int = 1
-) -> list[list[str]]:
-    rng = Random(seed)
-    return [[t.key for t in table.resolve(name, "chat", rng, health).plan] for _ in range(n)]
-
-
-def primaries(plan_list: list[list[str]]) -> Counter[str]:
-    return Counter(plan[0] for plan in plan_list)
+    return health_tracker(table, clock)
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -112,7 +93,7 @@ def test_latency_strategy_settings_come_from_yaml(table: RoutingTable) -> None:
 def test_latency_strategy_windows_are_tracked_by_the_health_model(
     health: HealthTracker, clock: FakeClock
 ) -> None:
-    measure(health, A, 0.01, n=2)
+    observe_tpot(health, A, 0.01, n=2)
     assert health.tpot(A, 60.0) == (pytest.approx(0.01), 2)
     assert health.tpot(A, 1200.0) == (pytest.approx(0.01), 2)
 
@@ -123,9 +104,9 @@ def test_latency_strategy_windows_are_tracked_by_the_health_model(
 def test_latency_routing_unmeasured_target_comes_first(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.011)
-    measure(health, C, 0.500, n=1)  # slow, but below min_samples (2): it must be measured
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.011)
+    observe_tpot(health, C, 0.500, n=1)  # slow, but below min_samples (2): it must be measured
     for plan in plans(table, health, TUNED, 200):
         assert plan[0] == C
         assert sorted(plan[1:]) == [A, B]
@@ -134,8 +115,8 @@ def test_latency_routing_unmeasured_target_comes_first(
 def test_latency_routing_target_without_samples_comes_first(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.011)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.011)
     for plan in plans(table, health, DEFAULT, 200):
         assert plan[0] == C
 
@@ -143,8 +124,8 @@ def test_latency_routing_target_without_samples_comes_first(
 def test_latency_routing_unmeasured_targets_share_the_first_place(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.900, n=1)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.900, n=1)
     plan_list = plans(table, health, TUNED, 4_000)
     for plan in plan_list:
         assert set(plan[:2]) == {B, C}
@@ -163,11 +144,11 @@ def test_latency_routing_with_nothing_measured_explores_all(
 def test_latency_routing_min_samples_reached_ends_exploration(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.011)
-    measure(health, C, 0.500, n=1)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.011)
+    observe_tpot(health, C, 0.500, n=1)
     assert plans(table, health, TUNED, 1)[0][0] == C
-    measure(health, C, 0.500, n=1)  # now 2 samples: measured, and far too slow
+    observe_tpot(health, C, 0.500, n=1)  # now 2 samples: measured, and far too slow
     for plan in plans(table, health, TUNED, 200):
         assert plan[-1] == C
 
@@ -178,9 +159,9 @@ def test_latency_routing_min_samples_reached_ends_exploration(
 def test_latency_routing_band_shares_primary_traffic(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.0115)  # within 1.2x of the fastest: counts as equally fast
-    measure(health, C, 0.020)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.0115)  # within 1.2x of the fastest: counts as equally fast
+    observe_tpot(health, C, 0.020)
     plan_list = plans(table, health, DEFAULT, 10_000)
     counts = primaries(plan_list)
     assert set(counts) == {A, B}
@@ -192,18 +173,18 @@ def test_latency_routing_band_shares_primary_traffic(
 def test_latency_routing_three_way_band_shares_evenly(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.0100)
-    measure(health, B, 0.0110)
-    measure(health, C, 0.0119)
+    observe_tpot(health, A, 0.0100)
+    observe_tpot(health, B, 0.0110)
+    observe_tpot(health, C, 0.0119)
     counts = primaries(plans(table, health, DEFAULT, 9_000))
     for key in (A, B, C):
         assert abs(counts[key] / 9_000 - 1 / 3) < 0.03
 
 
 def test_latency_routing_band_edge_is_inclusive(table: RoutingTable, health: HealthTracker) -> None:
-    measure(health, A, 0.5)
-    measure(health, B, 0.75)  # exactly 1.5 x 0.5
-    measure(health, C, 0.76)
+    observe_tpot(health, A, 0.5)
+    observe_tpot(health, B, 0.75)  # exactly 1.5 x 0.5
+    observe_tpot(health, C, 0.76)
     counts = primaries(plans(table, health, TUNED, 2_000))
     assert set(counts) == {A, B}
 
@@ -211,9 +192,9 @@ def test_latency_routing_band_edge_is_inclusive(table: RoutingTable, health: Hea
 def test_latency_routing_slow_target_never_primary(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.013)  # 1.3x: outside the default 1.2 band
-    measure(health, C, 0.011)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.013)  # 1.3x: outside the default 1.2 band
+    observe_tpot(health, C, 0.011)
     plan_list = plans(table, health, DEFAULT, 5_000)
     assert B not in primaries(plan_list)
     assert all(plan[-1] == B for plan in plan_list)
@@ -222,9 +203,9 @@ def test_latency_routing_slow_target_never_primary(
 def test_latency_routing_targets_outside_band_follow_by_speed(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.040)
-    measure(health, C, 0.020)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.040)
+    observe_tpot(health, C, 0.020)
     for plan in plans(table, health, DEFAULT, 100):
         assert plan == [A, C, B]
 
@@ -233,10 +214,10 @@ def test_latency_routing_band_is_relative_to_the_mean(
     table: RoutingTable, health: HealthTracker
 ) -> None:
     # B alternates fast and slow samples: its mean (0.011) is what counts, not its best sample.
-    measure(health, A, 0.010)
+    observe_tpot(health, A, 0.010)
     for value in (0.002, 0.020, 0.011):
         health.observe(Outcome(target=B, status=200, tpot_s=value))
-    measure(health, C, 0.030)
+    observe_tpot(health, C, 0.030)
     counts = primaries(plans(table, health, DEFAULT, 2_000))
     assert set(counts) == {A, B}
 
@@ -244,9 +225,9 @@ def test_latency_routing_band_is_relative_to_the_mean(
 def test_latency_strategy_order_directly(table: RoutingTable, health: HealthTracker) -> None:
     vm = table.lookup(TUNED)
     assert vm is not None
-    measure(health, A, 0.30)
-    measure(health, B, 0.10)
-    measure(health, C, 0.14)  # within 1.5x of B
+    observe_tpot(health, A, 0.30)
+    observe_tpot(health, B, 0.10)
+    observe_tpot(health, C, 0.14)  # within 1.5x of B
     rng = Random(5)
     firsts: Counter[str] = Counter()
     for _ in range(2_000):
@@ -263,10 +244,10 @@ def test_latency_strategy_order_directly(table: RoutingTable, health: HealthTrac
 def test_latency_routing_slow_samples_age_out_and_target_is_explored(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
-    measure(health, B, 0.500)  # slow, at t0
+    observe_tpot(health, B, 0.500)  # slow, at t0
     clock.now += 30.0
-    measure(health, A, 0.010)
-    measure(health, C, 0.012)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, C, 0.012)
     for plan in plans(table, health, TUNED, 200):
         assert plan[-1] == B
     clock.now += 29.0  # t0 + 59 s: B's samples are still inside the 60 s window
@@ -280,12 +261,12 @@ def test_latency_routing_slow_samples_age_out_and_target_is_explored(
 def test_latency_routing_regains_traffic_after_speeding_up(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
-    measure(health, A, 0.010)
-    measure(health, B, 0.500)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.500)
     clock.now += 61.0  # everything ages out
-    measure(health, A, 0.010)
-    measure(health, B, 0.011)  # B is fast now
-    measure(health, C, 0.100)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.011)  # B is fast now
+    observe_tpot(health, C, 0.100)
     counts = primaries(plans(table, health, TUNED, 4_000))
     assert set(counts) == {A, B}
     assert abs(counts[B] / 4_000 - 0.5) < 0.05
@@ -295,9 +276,9 @@ def test_latency_routing_uses_its_own_window(
     table: RoutingTable, health: HealthTracker, clock: FakeClock
 ) -> None:
     # Samples 100 s old are gone for the 60 s model but still count for the 1200 s default.
-    measure(health, A, 0.010)
-    measure(health, B, 0.500)
-    measure(health, C, 0.011)
+    observe_tpot(health, A, 0.010)
+    observe_tpot(health, B, 0.500)
+    observe_tpot(health, C, 0.011)
     clock.now += 100.0
     default_plans = plans(table, health, DEFAULT, 300)
     assert all(plan[-1] == B for plan in default_plans)

@@ -13,10 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc._gen import ext_proc_pb2 as pb
-from extproc.config import parse_config
 from extproc.envoy_config import REQUEST_NS
 from extproc.processor import Runtime
-from extproc.routing.table import compile_table
 from extproc.server import (
     PROCESS_METHOD,
     RunningServer,
@@ -26,6 +24,7 @@ from extproc.server import (
     start_server,
 )
 from tests.integration.stack import free_port
+from tests.unit.support import body_message, client_headers, headers_message, table_from_yaml
 
 CONFIG = """
 providers:
@@ -46,31 +45,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def request_headers() -> pb.ProcessingRequest:
-    message = pb.ProcessingRequest()
-    for key, value in (
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        ("content-type", "application/json"),
-    ):
-        header = message.request_headers.headers.headers.add()
-        header.key = key
-        header.raw_value = value.encode()
-    return message
+    return headers_message("request_headers", client_headers(authority=None))
 
 
 def request_body() -> pb.ProcessingRequest:
-    message = pb.ProcessingRequest()
-    message.request_body.body = json.dumps({"model": "prod/chat", "messages": []}).encode()
-    message.request_body.end_of_stream = True
-    return message
+    return body_message("request_body", json.dumps({"model": "prod/chat", "messages": []}).encode())
 
 
 def response_headers(status: int) -> pb.ProcessingRequest:
-    message = pb.ProcessingRequest()
-    header = message.response_headers.headers.headers.add()
-    header.key = ":status"
-    header.raw_value = str(status).encode()
-    return message
+    return headers_message("response_headers", [(":status", str(status))])
 
 
 class Client:
@@ -93,7 +76,7 @@ class Client:
 
 
 async def started() -> RunningServer:
-    runtime = Runtime(compile_table(parse_config(CONFIG), environ={}))
+    runtime = Runtime(table_from_yaml(CONFIG))
     return await start_server(runtime, "127.0.0.1:0")
 
 

@@ -16,6 +16,7 @@ from extproc.routing.table import (
     compile_table,
     gateway_metadata,
 )
+from tests.unit.support import table_from_yaml
 
 PROVIDERS = """
 providers:
@@ -109,7 +110,7 @@ def table() -> RoutingTable:
     text = config_text(
         ("region", SEED_REGION), ("enterprise", SEED_ENTERPRISE), ("strict", ONLY_CONDITIONED)
     )
-    return compile_table(parse_config(text), environ={})
+    return table_from_yaml(text)
 
 
 def plan(table: RoutingTable, name: str, rng: Random, metadata: dict[str, str]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
 from random import Random
 from typing import Any
 
@@ -12,14 +11,22 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc._gen import ext_proc_pb2 as pb
-from extproc.config import parse_config
 from extproc.envoy_config import REQUEST_NS
 from extproc.metrics_http import PROMETHEUS_CONTENT_TYPE, start_metrics_server
 from extproc.observe import attempt_kind, time_per_output_token
 from extproc.processor import RouterStream, Runtime, UpstreamStream
-from extproc.routing.table import compile_table
 from extproc.telemetry import Telemetry
+from tests.unit.support import (
+    FakeClock,
+    SyncRouter,
+    body_message,
+    client_headers,
+    headers_message,
+    router_status,
+    start_attempt,
+    table_from_yaml,
+    upstream_status,
+)
 
 CONFIG = """
 providers:
@@ -42,76 +49,25 @@ virtual_model_groups:
             - {target: beta/m, priority: 1, retry_config: {attempts: 1}}
 """
 
-CHAT_PATH = "/v1/chat/completions"
 ALPHA, BETA = "alpha/m", "beta/m"
 VM = "prod/chat"
 WINDOW = 60.0
 
 
-_LOOP = asyncio.new_event_loop()
-
-
-class SyncRouter(RouterStream):
-    """A RouterStream driven synchronously: its ``handle`` is a coroutine."""
-
-    def handle(self, request):  # type: ignore[no-untyped-def, override]
-        return _LOOP.run_until_complete(RouterStream.handle(self, request))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(100.0)
 
 
 @pytest.fixture()
 def runtime(clock: FakeClock) -> Runtime:
-    table = compile_table(parse_config(CONFIG), environ={})
+    table = table_from_yaml(CONFIG)
     rt = Runtime(table, rng=Random(1), clock=clock, telemetry=Telemetry(prometheus=True))
     rt.health.register_windows([WINDOW])
     return rt
 
 
-# --- message builders (as in test_processor) ---------------------------------------------------
-
-
-def headers_message(
-    kind: str, headers: Iterable[tuple[str, str]], *, end_of_stream: bool = False
-) -> pb.ProcessingRequest:
-    request = pb.ProcessingRequest()
-    message = getattr(request, kind)
-    for key, value in headers:
-        header = message.headers.headers.add()
-        header.key = key
-        header.raw_value = value.encode()
-    message.end_of_stream = end_of_stream
-    return request
-
-
-def body_message(kind: str, body: bytes, *, end_of_stream: bool = True) -> pb.ProcessingRequest:
-    request = pb.ProcessingRequest()
-    message = getattr(request, kind)
-    message.body = body
-    message.end_of_stream = end_of_stream
-    return request
-
-
-def client_headers() -> list[tuple[str, str]]:
-    return [
-        (":method", "POST"),
-        (":path", CHAT_PATH),
-        (":authority", "gateway.local"),
-        ("content-type", "application/json"),
-    ]
+# --- flow helpers (message builders in tests.unit.support) -------------------------------------
 
 
 def start(runtime: Runtime, body: dict[str, Any]) -> tuple[RouterStream, str]:
@@ -124,25 +80,10 @@ def start(runtime: Runtime, body: dict[str, Any]) -> tuple[RouterStream, str]:
 
 
 def attempt(runtime: Runtime, request_id: str, count: int) -> UpstreamStream:
-    upstream = UpstreamStream(runtime)
-    headers = [*client_headers(), ("x-envoy-attempt-count", str(count))]
-    message = headers_message("request_headers", headers)
-    message.metadata_context.filter_metadata[REQUEST_NS].update({"request_id": request_id})
-    reply = asyncio.run(upstream.handle(message))
+    """Open the upstream stream of attempt ``count``; its headers must go upstream."""
+    upstream, reply = start_attempt(runtime, request_id, count)
     assert reply.WhichOneof("response") == "request_headers"
     return upstream
-
-
-def upstream_status(upstream: UpstreamStream, status: int, *extra: tuple[str, str]) -> None:
-    message = headers_message("response_headers", [(":status", str(status)), *extra])
-    asyncio.run(upstream.handle(message))
-
-
-def router_status(router: RouterStream, status: int, content_type: str = "application/json") -> Any:
-    message = headers_message(
-        "response_headers", [(":status", str(status)), ("content-type", content_type)]
-    )
-    return router.handle(message)
 
 
 # --- reading the Prometheus text ---------------------------------------------------------------
@@ -241,7 +182,7 @@ def test_observe_success_tpot_lands_in_configured_windows(clock: FakeClock) -> N
         "          load_balance_targets:",
         "          window_seconds: 30\n          load_balance_targets:",
     )
-    table = compile_table(parse_config(config), environ={})
+    table = table_from_yaml(config)
     assert table.tpot_windows == frozenset({30.0})
     runtime = Runtime(table, rng=Random(1), clock=clock, telemetry=Telemetry(prometheus=True))
     router, request_id = start(runtime, CHAT_REQUEST)

@@ -13,21 +13,28 @@ from google.protobuf import json_format
 
 from extproc import envoy
 from extproc._gen import ext_proc_pb2 as pb
-from extproc.config import parse_config
 from extproc.envoy_config import METADATA_NS, PRIORITY_GROUP_NS, REQUEST_NS, RETRY_HEADER
 from extproc.processor import RouterStream, Runtime, UpstreamStream
-from extproc.routing.table import RoutingTable, compile_table
+from extproc.routing.table import RoutingTable
+from tests.unit.support import (
+    CHAT_PATH,
+    OPENAI_PROVIDER,
+    FakeClock,
+    SyncRouter,
+    body_message,
+    client_headers,
+    headers_message,
+    request_id_of,
+    router_status,
+    start_attempt,
+    table_from_yaml,
+    upstream_status,
+)
 
-CONFIG = """
-providers:
-  - name: openai
-    type: openai
-    base_url: https://api.openai.com/v1
-    api_key_env: TEST_OPENAI_KEY
-    models:
-      - {name: gpt-4o, model: gpt-4o-2024-08-06}
-      - {name: embed, model: text-embedding-3-small, model_types: [embedding]}
-  - name: onprem
+CONFIG = (
+    "\nproviders:"
+    + OPENAI_PROVIDER
+    + """  - name: onprem
     type: openai-compatible
     base_url: http://127.0.0.1:8001/openai/v1/
     models: [{name: llama, model: meta-llama/Llama-3.1-8B-Instruct}]
@@ -58,78 +65,22 @@ virtual_model_groups:
           load_balance_targets:
             - {target: openai/gpt-4o, priority: 0, retry_config: {attempts: 2, delay: 1500}}
 """
+)
 
 OPENAI_KEY = "sk-test-123"
-CHAT_PATH = "/v1/chat/completions"
 SPOOFED_ID_HEADER = "x-vm-request-id"
 
 
-_LOOP = asyncio.new_event_loop()
-
-
-class SyncRouter(RouterStream):
-    """A RouterStream driven synchronously: its ``handle`` is a coroutine."""
-
-    def handle(self, request):  # type: ignore[no-untyped-def, override]
-        return _LOOP.run_until_complete(RouterStream.handle(self, request))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={"TEST_OPENAI_KEY": OPENAI_KEY})
+    return table_from_yaml(CONFIG, environ={"TEST_OPENAI_KEY": OPENAI_KEY})
 
 
 @pytest.fixture()
 def runtime() -> Runtime:
-    return Runtime(_table(), rng=Random(1), clock=FakeClock())
+    return Runtime(_table(), rng=Random(1), clock=FakeClock(100.0))
 
 
-# --- message builders --------------------------------------------------------------------------
-
-
-def headers_message(
-    kind: str, headers: Iterable[tuple[str, str]], *, end_of_stream: bool = False
-) -> pb.ProcessingRequest:
-    """A ``request_headers``/``response_headers`` message; values in ``raw_value`` like Envoy."""
-    request = pb.ProcessingRequest()
-    message = getattr(request, kind)
-    for key, value in headers:
-        header = message.headers.headers.add()
-        header.key = key
-        header.raw_value = value.encode()
-    message.end_of_stream = end_of_stream
-    return request
-
-
-def body_message(kind: str, body: bytes, *, end_of_stream: bool = True) -> pb.ProcessingRequest:
-    """A ``request_body``/``response_body`` message."""
-    request = pb.ProcessingRequest()
-    message = getattr(request, kind)
-    message.body = body
-    message.end_of_stream = end_of_stream
-    return request
-
-
-def client_headers(
-    path: str = CHAT_PATH,
-    method: str = "POST",
-    content_type: str | None = "application/json",
-    extra: Iterable[tuple[str, str]] = (),
-) -> list[tuple[str, str]]:
-    headers = [(":method", method), (":path", path), (":authority", "gateway.local")]
-    if content_type is not None:
-        headers.append(("content-type", content_type))
-    headers.extend(extra)
-    return headers
+# --- message builders (more in tests.unit.support) --------------------------------------------
 
 
 def json_body(**fields: Any) -> bytes:
@@ -218,48 +169,6 @@ def start(
     reply = router.handle(headers_message("request_headers", client_headers(path, extra=extra)))
     assert reply.WhichOneof("response") == "request_headers"
     return router, router.handle(body_message("request_body", body))
-
-
-def request_id_of(reply: pb.ProcessingResponse) -> str:
-    """The request id the router stream wrote into the dynamic metadata it forwards upstream."""
-    request_id = metadata(reply)[REQUEST_NS]["request_id"]
-    assert isinstance(request_id, str)
-    return request_id
-
-
-def attempt(
-    runtime: Runtime,
-    request_id: str,
-    count: int,
-    extra: Iterable[tuple[str, str]] = (),
-    path: str = CHAT_PATH,
-) -> tuple[UpstreamStream, pb.ProcessingResponse]:
-    """Open an upstream stream for Envoy's attempt ``count`` (1-based) and send its headers.
-
-    Envoy forwards the router stream's request metadata to the upstream filter.
-    """
-    upstream = UpstreamStream(runtime)
-    headers = [*client_headers(path, extra=extra), ("x-envoy-attempt-count", str(count))]
-    message = headers_message("request_headers", headers)
-    message.metadata_context.filter_metadata[REQUEST_NS].update({"request_id": request_id})
-    reply = asyncio.run(upstream.handle(message))
-    return upstream, reply
-
-
-def upstream_status(upstream: UpstreamStream, status: int) -> pb.ProcessingResponse:
-    message = headers_message("response_headers", [(":status", str(status))])
-    return asyncio.run(upstream.handle(message))
-
-
-def router_status(
-    router: RouterStream, status: int, *, end_of_stream: bool = False
-) -> pb.ProcessingResponse:
-    message = headers_message(
-        "response_headers",
-        [(":status", str(status)), ("content-type", "application/json")],
-        end_of_stream=end_of_stream,
-    )
-    return router.handle(message)
 
 
 def sent_body(reply: pb.ProcessingResponse) -> dict[str, Any]:
@@ -411,7 +320,7 @@ def test_router_stream_embeddings_on_embedding_model_is_routed(runtime: Runtime)
         runtime, json_body(model="openai/embed", input="x"), path="/v1/embeddings"
     )
     request_id = request_id_of(reply)
-    _, first = attempt(runtime, request_id, 1, path="/v1/embeddings")
+    _, first = start_attempt(runtime, request_id, 1, path="/v1/embeddings")
     assert set_headers(first)[":path"] == "/v1/embeddings"
     assert sent_body(first)["model"] == "text-embedding-3-small"
     router.close()
@@ -491,7 +400,7 @@ def test_upstream_stream_rewrites_first_attempt_for_its_target(runtime: Runtime)
     path = CHAT_PATH + "?api-version=2024"
     extra = CLIENT_EXTRA
     _, reply = start(runtime, CHAT_BODY, path=path, extra=extra)
-    _, first = attempt(runtime, request_id_of(reply), 1, extra, path=path)
+    _, first = start_attempt(runtime, request_id_of(reply), 1, extra, path=path)
     assert first.WhichOneof("response") == "request_headers"
     body = sent_body(first)
     assert body == {
@@ -519,7 +428,7 @@ def test_upstream_stream_query_string_is_kept_on_provider_path(runtime: Runtime)
         headers_message("request_headers", client_headers(CHAT_PATH + "?api-version=2024"))
     )
     reply = router.handle(body_message("request_body", json_body(model="onprem/llama")))
-    _, first = attempt(runtime, request_id_of(reply), 1)
+    _, first = start_attempt(runtime, request_id_of(reply), 1)
     headers = set_headers(first)
     assert headers[":path"] == "/openai/v1/chat/completions?api-version=2024"
     assert headers[":authority"] == "127.0.0.1:8001"
@@ -532,7 +441,7 @@ def test_upstream_stream_second_target_restores_headers_the_first_changed(
     client = CLIENT_EXTRA
     _, reply = start(runtime, CHAT_BODY, extra=client)
     request_id = request_id_of(reply)
-    upstream, first = attempt(runtime, request_id, 1, client)
+    upstream, first = start_attempt(runtime, request_id, 1, client)
     # Envoy keeps the first attempt's header changes for the retry: simulate what it now holds.
     carried = dict(client)
     carried.update({k: v for k, v in set_headers(first).items() if not k.startswith(":")})
@@ -547,7 +456,7 @@ def test_upstream_stream_second_target_restores_headers_the_first_changed(
     assert set_headers(retry) == {RETRY_HEADER: "1"}
     assert groups(retry) == ["provider_openai", "provider_onprem"]
 
-    _, second = attempt(runtime, request_id, 2, list(carried.items()))
+    _, second = start_attempt(runtime, request_id, 2, list(carried.items()))
     headers = set_headers(second)
     removed = removed_headers(second)
     assert headers["x-team"] == "client-team"  # the client's value is back
@@ -567,33 +476,33 @@ def test_upstream_stream_second_target_restores_headers_the_first_changed(
 def test_upstream_stream_retry_status_sets_retry_header_and_groups(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
-    upstream, _ = attempt(runtime, request_id, 1)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     retry = upstream_status(upstream, 503)
     assert retry.WhichOneof("response") == "response_headers"
     assert set_headers(retry) == {RETRY_HEADER: "1"}
     assert groups(retry) == ["provider_openai", "provider_openai", "provider_onprem"]
-    _, second = attempt(runtime, request_id, 2)
+    _, second = start_attempt(runtime, request_id, 2)
     assert set_headers(second)[":authority"] == "api.openai.com"
 
 
 def test_upstream_stream_success_sets_no_retry_header(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     assert_passthrough(upstream_status(upstream, 200), "response_headers")
 
 
 def test_upstream_stream_terminal_status_sets_no_retry_header(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     assert_passthrough(upstream_status(upstream, 400), "response_headers")
 
 
 def test_upstream_stream_attempt_after_plan_ended_is_answered_locally(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
-    upstream, _ = attempt(runtime, request_id, 1)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 400)
-    late, stopped = attempt(runtime, request_id, 2)
+    late, stopped = start_attempt(runtime, request_id, 2)
     status, body = immediate(stopped)
     assert status == 400
     assert body["error"]["type"] == "upstream_error"
@@ -604,7 +513,7 @@ def test_upstream_stream_attempt_after_plan_ended_is_answered_locally(runtime: R
 
 
 def test_upstream_stream_unknown_request_id_is_immediate_503(runtime: Runtime) -> None:
-    upstream, reply = attempt(runtime, "nope-1", 1)
+    upstream, reply = start_attempt(runtime, "nope-1", 1)
     error = error_of(reply, 503)
     assert error["code"] == "routing_state_lost"
     later = asyncio.run(upstream.handle(headers_message("response_headers", [(":status", "503")])))
@@ -627,7 +536,7 @@ def test_upstream_stream_ignores_a_request_id_sent_as_header(runtime: Runtime) -
 
 def test_upstream_stream_other_messages_pass_through(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     passed = asyncio.run(upstream.handle(body_message("response_body", b"{}")))
     assert_passthrough(passed, "response_body")
 
@@ -643,10 +552,10 @@ def test_upstream_stream_retry_on_same_target_waits_its_delay(
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
     _, reply = start(runtime, json_body(model="prod/slow", messages=[]))
     request_id = request_id_of(reply)
-    upstream, _ = attempt(runtime, request_id, 1)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     assert waited == []
     upstream_status(upstream, 503)
-    _, second = attempt(runtime, request_id, 2)
+    _, second = start_attempt(runtime, request_id, 2)
     assert waited == [1.5]
     assert sent_body(second)["model"] == "gpt-4o-2024-08-06"
 
@@ -657,9 +566,9 @@ def test_upstream_stream_retry_on_same_target_waits_its_delay(
 def test_router_stream_response_headers_report_the_attempts(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
-    upstream, _ = attempt(runtime, request_id, 1)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 503)
-    upstream, _ = attempt(runtime, request_id, 2)
+    upstream, _ = start_attempt(runtime, request_id, 2)
     upstream_status(upstream, 200)
     final = router_status(router, 200)
     assert final.WhichOneof("response") == "response_headers"
@@ -678,9 +587,9 @@ def test_router_stream_response_headers_after_fallback_name_the_last_target(
 ) -> None:
     router, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
-    upstream, _ = attempt(runtime, request_id, 1)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 403)
-    upstream, _ = attempt(runtime, request_id, 2)
+    upstream, _ = start_attempt(runtime, request_id, 2)
     upstream_status(upstream, 200)
     headers = set_headers(router_status(router, 200))
     assert headers["x-gateway-target"] == "onprem/llama"
@@ -692,14 +601,14 @@ def test_router_stream_final_attempt_without_upstream_response_is_timeout(
     runtime: Runtime,
 ) -> None:
     router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
-    attempt(runtime, request_id_of(reply), 1)
+    start_attempt(runtime, request_id_of(reply), 1)
     headers = set_headers(router_status(router, 504))
     assert headers["x-gateway-attempts"] == "openai/gpt-4o:timeout"
 
 
 def test_router_stream_retry_that_never_reached_us_is_connect_error(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 503)
     headers = set_headers(router_status(router, 503))
     assert headers["x-gateway-attempts"] == "openai/gpt-4o:503,openai/gpt-4o:connect-error"
@@ -707,7 +616,7 @@ def test_router_stream_retry_that_never_reached_us_is_connect_error(runtime: Run
 
 def test_router_stream_response_body_names_the_served_model(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
     router_status(router, 200)
     answer = json_body(id="c1", object="chat.completion", model="gpt-4o-2024-08-06-mini")
@@ -719,7 +628,7 @@ def test_router_stream_response_body_names_the_served_model(runtime: Runtime) ->
 
 def test_router_stream_response_body_chunks_before_the_end_pass(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
     router_status(router, 200)
     chunk = router.handle(body_message("response_body", b'{"model":', end_of_stream=False))
@@ -728,7 +637,7 @@ def test_router_stream_response_body_chunks_before_the_end_pass(runtime: Runtime
 
 def test_router_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None:
     router, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     assert_passthrough(upstream_status(upstream, 502), "response_headers")
     router_status(router, 502)
     final = router.handle(body_message("response_body", b"<html>Bad Gateway</html>\n"))
@@ -748,7 +657,7 @@ def test_router_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None
 
 def test_router_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> None:
     router, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 500)
     router_status(router, 500)
     error = json_body(error={"message": "boom", "type": "server_error"})
@@ -759,7 +668,7 @@ def test_router_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> Non
 def test_router_stream_stream_request_streams_the_body_through(runtime: Runtime) -> None:
     body = json_body(model="prod-chat", messages=[], stream=True)
     router, reply = start(runtime, body)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
     final = router_status(router, 200)
     assert final.HasField("mode_override")
@@ -770,7 +679,7 @@ def test_router_stream_stream_request_streams_the_body_through(runtime: Runtime)
 
 def test_router_stream_body_mode_is_kept_without_stream(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = attempt(runtime, request_id_of(reply), 1)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
     assert not router_status(router, 200).HasField("mode_override")
 

@@ -11,7 +11,6 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 import yaml
 from aiohttp import web
 
-from extproc._gen import ext_proc_pb2 as pb
 from extproc.cds import ClusterChange, ClusterPublisher
 from extproc.envoy_config import CLUSTER_TYPE_URL, EnvoySettings
 from extproc.errors import ConfigError
@@ -27,6 +25,7 @@ from extproc.processor import RouterStream, Runtime
 from extproc.reload import ConfigReloader, ReloadResult, load_config_file
 from extproc.routing.table import RoutingTable
 from tests.integration.stack import ConfigMapDir
+from tests.unit.support import body_message, client_headers, headers_message
 
 CONFIG = """
 providers:
@@ -389,28 +388,11 @@ def test_publisher_waits_for_envoy_admin_to_report_the_new_version(tmp_path: Pat
 async def open_request(runtime: Runtime, model: str) -> RouterStream:
     """A request whose router stream has resolved and planned, and is still open."""
     router = RouterStream(runtime)
-    headers = _headers(
-        [
-            (":method", "POST"),
-            (":path", "/v1/chat/completions"),
-            ("content-type", "application/json"),
-        ]
-    )
-    message = pb.ProcessingRequest()
-    message.request_body.body = json.dumps({"model": model, "messages": []}).encode()
-    message.request_body.end_of_stream = True
+    headers = headers_message("request_headers", client_headers(authority=None))
+    message = body_message("request_body", json.dumps({"model": model, "messages": []}).encode())
     for step in (headers, message):
         reply = router.handle(step)
         if inspect.isawaitable(reply):
             await reply
     assert runtime.requests, "the request was not planned"
     return router
-
-
-def _headers(headers: Iterable[tuple[str, str]]) -> pb.ProcessingRequest:
-    message = pb.ProcessingRequest()
-    for key, value in headers:
-        header = message.request_headers.headers.headers.add()
-        header.key = key
-        header.raw_value = value.encode()
-    return message

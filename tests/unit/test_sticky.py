@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from extproc import state
-from extproc.config import parse_config
 from extproc.health import HealthTracker, Outcome
 from extproc.routing.explain import Explanation
-from extproc.routing.table import RequestFacts, RoutingTable, StickyPolicy, compile_table
+from extproc.routing.table import RequestFacts, RoutingTable, StickyPolicy
 from extproc.state import MemoryStickyStore, RedisStickyStore
 from extproc.sync import HealthSync, decode, encode
+from tests.unit.support import FakeClock, health_tracker, table_from_yaml
 
 CONFIG = """
 providers:
@@ -74,16 +74,6 @@ virtual_model_groups:
 A, B, C = "provider-a/model-a", "provider-b/model-b", "provider-c/model-c"
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def clock() -> FakeClock:
     return FakeClock()
@@ -91,12 +81,12 @@ def clock() -> FakeClock:
 
 @pytest.fixture()
 def table() -> RoutingTable:
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 @pytest.fixture()
 def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return HealthTracker(table.health_settings, clock=clock, windows=table.tpot_windows)
+    return health_tracker(table, clock)
 
 
 def policy(table: RoutingTable, name: str) -> StickyPolicy:

@@ -15,8 +15,9 @@ from extproc.routing.least_busy import LeastBusyStrategy
 from extproc.routing.lowest_price import LowestPriceStrategy, unit_price
 from extproc.routing.lowest_usage import LowestUsageStrategy
 from extproc.routing.round_robin import RoundRobinStrategy
-from extproc.routing.table import RequestFacts, RoutingTable, compile_table
+from extproc.routing.table import RequestFacts, RoutingTable
 from extproc.routing.throughput import HighestThroughputStrategy
+from tests.unit.support import FakeClock, health_tracker, observe_failures, table_from_yaml
 
 CONFIG = """
 gateway:
@@ -112,16 +113,6 @@ A, B, C, D = "p/a", "p/b", "p/c", "p/d"
 CHEAP, MID1, MID2, PRICEY = "shop/cheap", "shop/mid1", "shop/mid2", "shop/pricey"
 
 
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
 def clock() -> FakeClock:
     return FakeClock()
@@ -130,12 +121,12 @@ def clock() -> FakeClock:
 @pytest.fixture()
 def table() -> RoutingTable:
     # function scope: round-robin counters live in the compiled strategies
-    return compile_table(parse_config(CONFIG), environ={})
+    return table_from_yaml(CONFIG)
 
 
 @pytest.fixture()
 def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return HealthTracker(table.health_settings, clock=clock, windows=table.tpot_windows)
+    return health_tracker(table, clock)
 
 
 def plan(
@@ -147,11 +138,6 @@ def plan(
 ) -> list[str]:
     facts = RequestFacts(metadata=metadata or {})
     return [t.key for t in table.resolve(name, "chat", rng, health, facts).plan]
-
-
-def fail(health: HealthTracker, key: str, n: int = 3) -> None:
-    for _ in range(n):
-        health.observe(Outcome(target=key, status=503))
 
 
 def used(health: HealthTracker, key: str, input_tokens: int, output_tokens: int) -> None:
@@ -213,7 +199,7 @@ def test_round_robin_rotates_over_targets_in_order(
 
 
 def test_round_robin_is_not_random(table: RoutingTable, health: HealthTracker) -> None:
-    other = compile_table(parse_config(CONFIG), environ={})
+    other = table_from_yaml(CONFIG)
     first = [plan(table, "strat/rr", Random(1), health)[0] for _ in range(9)]
     second = [plan(other, "strat/rr", Random(99), health)[0] for _ in range(9)]
     assert first == second == [A, B, C] * 3
@@ -224,7 +210,7 @@ def test_round_robin_skips_a_cooling_target_and_continues_rotating(
 ) -> None:
     rng = Random(2)
     assert plan(table, "strat/rr", rng, health)[0] == A
-    fail(health, B)
+    observe_failures(health, B, 3)
     assert not health.available(B)
     plans = [plan(table, "strat/rr", rng, health) for _ in range(8)]
     firsts = [p[0] for p in plans]
@@ -393,7 +379,7 @@ def test_lowest_price_equal_prices_drawn_by_weight(
 def test_lowest_price_cooling_cheapest_goes_to_next_price(
     table: RoutingTable, health: HealthTracker
 ) -> None:
-    fail(health, CHEAP)
+    observe_failures(health, CHEAP, 3)
     keys = plan(table, "strat/price", Random(13), health)
     assert keys[0] in (MID1, MID2)
     assert keys[-1] == CHEAP

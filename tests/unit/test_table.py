@@ -7,20 +7,13 @@ from random import Random
 
 import pytest
 
-from extproc.config import parse_config
 from extproc.errors import UnknownModel, UnsupportedOperation
-from extproc.routing.table import compile_table
+from tests.unit.support import OPENAI_PROVIDER, table_from_yaml
 
-CONFIG = """
-providers:
-  - name: openai
-    type: openai
-    base_url: https://api.openai.com/v1
-    api_key_env: TEST_OPENAI_KEY
-    models:
-      - {name: gpt-4o, model: gpt-4o-2024-08-06}
-      - {name: embed, model: text-embedding-3-small, model_types: [embedding]}
-  - name: onprem
+CONFIG = (
+    "\nproviders:"
+    + OPENAI_PROVIDER
+    + """  - name: onprem
     type: openai-compatible
     base_url: http://127.0.0.1:8001/v1
     models: [{name: llama, model: meta-llama/Llama-3.1-8B-Instruct}]
@@ -53,11 +46,12 @@ virtual_model_groups:
             - {target: openai/gpt-4o, priority: 1}
             - {target: spare/llama, priority: 2, fallback_candidate: false}
 """
+)
 
 
 @pytest.fixture()
 def table():  # type: ignore[no-untyped-def]
-    return compile_table(parse_config(CONFIG), environ={"TEST_OPENAI_KEY": "sk-test"})
+    return table_from_yaml(CONFIG, environ={"TEST_OPENAI_KEY": "sk-test"})
 
 
 def test_resolve_by_group_name_and_slug(table) -> None:  # type: ignore[no-untyped-def]
