@@ -489,3 +489,38 @@ def test_metrics_server_serves_prometheus_text_and_healthz(
     assert value(text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") == 5
     assert value(text, "vmrouter_target_healthy", vmrouter_target=ALPHA) == 1
     assert (health_status, health_text) == (200, "ok")
+
+
+def test_recorder_traces_a_request_span_with_one_child_per_attempt(clock: FakeClock) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(prometheus=False, tracer_provider=provider)
+    rt = Runtime(table_from_yaml(CONFIG), rng=Random(1), clock=clock, telemetry=telemetry)
+    router, request_id = start(rt, {"model": VM, "messages": []})
+    first = attempt(rt, request_id, 1)
+    upstream_status(first, 503)
+    second = attempt(rt, request_id, 2)
+    upstream_status(second, 200)
+    router_status(router, 200)
+    router.handle(body_message("response_body", b'{"model": "upstream-b"}'))
+    router.close()
+    spans = exporter.get_finished_spans()
+    request = next(s for s in spans if s.name == "vmrouter.request")
+    attempts = [s for s in spans if s.name == "vmrouter.attempt"]
+    assert request.attributes is not None
+    assert request.attributes["vmrouter.virtual_model"] == VM
+    assert request.attributes["vmrouter.attempts"] == f"{ALPHA}:503,{BETA}:200"
+    assert [a.attributes["vmrouter.target"] for a in attempts if a.attributes] == [ALPHA, BETA]
+    assert [a.attributes["vmrouter.attempt.kind"] for a in attempts if a.attributes] == [
+        "primary",
+        "fallback",
+    ]
+    for child in attempts:
+        assert child.parent is not None
+        assert child.parent.span_id == request.context.span_id
+    provider.shutdown()
