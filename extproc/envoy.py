@@ -9,6 +9,7 @@ routing logic.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,7 +75,7 @@ def request_headers_response(
     set_headers: Iterable[tuple[str, str]] | None = None,
     remove_headers: Iterable[str] | None = None,
     replace_body: bytes | None = None,
-    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
     """Answer a request_headers message; ``replace_body`` sends a new body (CONTINUE_AND_REPLACE).
 
@@ -95,7 +96,7 @@ def request_body_response(
     set_headers: Iterable[tuple[str, str]] | None = None,
     remove_headers: Iterable[str] | None = None,
     clear_route_cache: bool = False,
-    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
     """Answer a buffered request_body message, optionally re-routing with new headers."""
     response = pb.ProcessingResponse()
@@ -110,7 +111,7 @@ def response_headers_response(
     set_headers: Iterable[tuple[str, str]] | None = None,
     remove_headers: Iterable[str] | None = None,
     body_mode: int | None = None,
-    dynamic_metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
     """Answer a response_headers message, optionally changing how the body is sent to us."""
     response = pb.ProcessingResponse()
@@ -162,13 +163,40 @@ def immediate_response(
     return response
 
 
-def _set_metadata(
-    response: pb.ProcessingResponse, namespaces: Mapping[str, Mapping[str, Any]]
-) -> None:
+Metadata = Mapping[str, "Mapping[str, Any] | struct_pb2.Struct"]
+"""Dynamic metadata: namespace to its fields, or to a prebuilt Struct (see ``priority_groups``)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def priority_groups(clusters: tuple[str, ...]) -> struct_pb2.Struct:
+    """The priority-group specifier's metadata for an attempt schedule (attempt n -> group n).
+
+    Built once per distinct schedule and copied into responses: building a nested Struct from
+    Python values costs far more than copying a prebuilt one.
+    """
+    fields = struct_pb2.Struct()
+    fields.update(
+        {
+            "priority_groups": [
+                {"name": f"a{i}", "clusters": [{"cluster_name": cluster, "weight": 1}]}
+                for i, cluster in enumerate(clusters)
+            ]
+        }
+    )
+    return fields
+
+
+def _set_metadata(response: pb.ProcessingResponse, namespaces: Metadata) -> None:
     for namespace, values in namespaces.items():
-        fields = struct_pb2.Struct()
-        fields.update(dict(values))
-        response.dynamic_metadata.fields[namespace].struct_value.CopyFrom(fields)
+        target = response.dynamic_metadata.fields[namespace].struct_value
+        if isinstance(values, struct_pb2.Struct):
+            target.CopyFrom(values)
+            continue
+        for key, value in values.items():
+            if isinstance(value, str):
+                target.fields[key].string_value = value  # the common case, without Struct.update
+            else:
+                target.update({key: value})
 
 
 def continue_response(kind: str) -> pb.ProcessingResponse:

@@ -192,13 +192,9 @@ class RequestContext:
         return self.decision.virtual_model
 
 
-def attempt_groups(plan: AttemptPlan) -> dict[str, dict[str, Any]]:
+def attempt_groups(plan: AttemptPlan) -> envoy.Metadata:
     """Dynamic metadata for the priority-group cluster specifier: attempt n goes to group n."""
-    groups = [
-        {"name": f"a{i}", "clusters": [{"cluster_name": cluster, "weight": 1}]}
-        for i, cluster in enumerate(plan.clusters())
-    ]
-    return {PRIORITY_GROUP_NS: {"priority_groups": groups}}
+    return {PRIORITY_GROUP_NS: envoy.priority_groups(tuple(plan.clusters()))}
 
 
 def _error_response(exc: GatewayError) -> envoy.ProcessingResponse:
