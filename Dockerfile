@@ -44,6 +44,8 @@ RUN groupadd --system --gid 10001 vmrouter \
     && install -d -o 10001 -g 10001 /var/run/vmrouter \
     && install -d /etc/envoy
 COPY --from=build-envoy /usr/local/bin/envoy /usr/local/bin/envoy
+# The Kubernetes preStop hook: drains Envoy before the kubelet stops it (python3 of the base image).
+COPY scripts/envoy_drain.py /usr/local/bin/vmrouter-envoy-drain
 USER 10001:10001
 EXPOSE 10000
 # No hot restart in a container: it needs shared memory and a domain socket per base id.

