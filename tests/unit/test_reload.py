@@ -396,3 +396,27 @@ async def open_request(runtime: Runtime, model: str) -> RouterStream:
             await reply
     assert runtime.requests, "the request was not planned"
     return router
+
+
+def test_reload_results_are_counted_in_the_reloads_metric(tmp_path: Path) -> None:
+    from extproc.server import count_reloads
+    from extproc.telemetry import Telemetry
+
+    volume = ConfigMapDir(tmp_path / "config")
+    volume.publish(config(90, 10))
+    runtime, _ = make(volume.path)
+    runtime.telemetry = Telemetry()
+    reloader = ConfigReloader(volume.path, runtime, on_reload=count_reloads(runtime))
+    bad = config(90, 10).replace("target: b/m1, weight: 10", "target: b/zz, weight: 10")
+    volume.publish(bad)
+    assert check(reloader) is False
+    volume.publish(config(50, 50))
+    assert check(reloader) is True
+    lines = runtime.telemetry.render_prometheus().decode().splitlines()
+    for result in ("failure", "success"):
+        (line,) = [
+            x
+            for x in lines
+            if x.startswith("vmrouter_config_reloads_total{") and f'vmrouter_result="{result}"' in x
+        ]
+        assert line.endswith(" 1.0")
