@@ -77,3 +77,25 @@ images: ## build vmrouter/extproc and vmrouter/envoy with your docker (BASE_IMAG
 	docker build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --target envoy \
 		-t vmrouter/envoy:$(ENVOY_VERSION) .
 # --- end deploy targets ---
+
+# --- bench targets ---
+.PHONY: bench bench-micro
+BENCH_ARGS ?=
+
+bench: $(STAMP) ## end-to-end benchmark: Envoy alone vs Envoy + ext_proc (QUICK=1, PROFILE=secs, BENCH_ARGS=...)
+	@command -v wrk >/dev/null 2>&1 || { \
+		echo "bench: wrk is missing; installing Debian's wrk (apt-get install wrk)"; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && apt-get install -y -qq wrk >/dev/null; \
+		elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+			sudo apt-get update -qq && sudo apt-get install -y -qq wrk >/dev/null; \
+		fi; \
+		command -v wrk >/dev/null 2>&1 || { \
+			echo "bench: could not install wrk: install it yourself (Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk) and re-run"; \
+			exit 2; }; }
+	@if [ -n "$(PROFILE)" ] && [ ! -x $(VENV)/bin/py-spy ]; then $(PY) -m pip install -q py-spy; fi
+	$(PY) bench/run.py $(if $(QUICK),--quick) $(if $(PROFILE),--profile $(PROFILE)) $(BENCH_ARGS)
+
+bench-micro: $(STAMP) ## micro-benchmark: decision path (10/100/1,000 targets, 10k VMs), 10k-VM load time and RSS (QUICK=1)
+	$(PY) bench/micro.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+# --- end bench targets ---

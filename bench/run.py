@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ import yaml
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+FOREIGN_WARN_CORES = 0.05
+"""Other processes using more CPU than this during a run get a warning (noisy numbers)."""
 
 TARGET_RATIO_C32 = 0.25
 TARGET_ADDED_P50_MS = 0.6
@@ -191,12 +195,29 @@ def http_get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
+def envoy_stats(admin_port: int, pattern: str) -> dict[str, int]:
+    """Envoy's counters and gauges whose name matches ``pattern`` (admin ``/stats?filter=``)."""
+    url = f"http://127.0.0.1:{admin_port}/stats?filter={urllib.parse.quote(pattern)}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
 def wait_for(what: str, check: Any, proc: Proc, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited early (code {proc.popen.returncode}):\n"
-                               f"{proc.tail()}")
+            raise RuntimeError(
+                f"{proc.name} exited early (code {proc.popen.returncode}):\n{proc.tail()}"
+            )
         if check():
             return
         time.sleep(0.05)
@@ -218,13 +239,25 @@ def start_envoy(stack: Stack, name: str, config: dict[str, Any], admin_port: int
         base_id = random.randint(100_000, 4_000_000)
         proc = stack.start(
             name,
-            [envoy_binary(), "-c", str(path), "--base-id", str(base_id), "--concurrency", "1",
-             "-l", "warn"],
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--base-id",
+                str(base_id),
+                "--concurrency",
+                "1",
+                "-l",
+                "warn",
+            ],
             cpu,
         )
         try:
-            wait_for(f"{name} envoy", lambda: http_get(f"http://127.0.0.1:{admin_port}/ready")
-                     == 200, proc)
+            wait_for(
+                f"{name} envoy",
+                lambda: http_get(f"http://127.0.0.1:{admin_port}/ready") == 200,
+                proc,
+            )
             return proc
         except RuntimeError as exc:
             last_error = str(exc)
@@ -245,7 +278,10 @@ def mock_config(port: int, admin_port: int, sse_port: int) -> dict[str, Any]:
     routes = [
         {
             "name": "stream",
-            "match": {"prefix": "/", "headers": [{"name": "x-bench-stream", "present_match": True}]},
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": "x-bench-stream", "present_match": True}],
+            },
             "route": {"cluster": "sse", "timeout": "30s"},
         },
         {
@@ -265,8 +301,10 @@ def mock_config(port: int, admin_port: int, sse_port: int) -> dict[str, Any]:
             "match": {"prefix": "/"},
             "direct_response": {
                 "status": 404,
-                "body": {"inline_string": '{"error":{"message":"mock: unknown path",'
-                         '"type":"invalid_request_error","param":null,"code":"not_found"}}'},
+                "body": {
+                    "inline_string": '{"error":{"message":"mock: unknown path",'
+                    '"type":"invalid_request_error","param":null,"code":"not_found"}}'
+                },
             },
             "response_headers_to_add": [json_header],
         },
@@ -290,7 +328,9 @@ def mock_config(port: int, admin_port: int, sse_port: int) -> dict[str, Any]:
         ],
     }
     return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
         "static_resources": {
             "listeners": [
                 {
@@ -346,7 +386,7 @@ def gateway_config(source: Path, mock_port: int, dest: Path) -> dict[str, Any]:
             r"^(https?://[^/:]+)(:\d+)?", rf"\g<1>:{mock_port}", provider["base_url"]
         )
     dest.write_text(yaml.safe_dump(config, sort_keys=False))
-    return config
+    return dict(config)
 
 
 def is_ext_proc(filt: dict[str, Any]) -> bool:
@@ -373,8 +413,10 @@ def floor_config(router: dict[str, Any], port: int, admin_port: int) -> dict[str
     spec["priority_groups"] = [
         {"name": "floor", "clusters": [{"cluster_name": providers[0]["name"], "weight": 1}]}
     ]
-    config["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "vmrouter_extproc"]
-    return config
+    config["static_resources"]["clusters"] = [
+        c for c in clusters if c["name"] != "vmrouter_extproc"
+    ]
+    return dict(config)
 
 
 # --- load ---------------------------------------------------------------------------------------
@@ -397,11 +439,17 @@ class RunResult:
     cpu_us_per_req: dict[str, float] = field(default_factory=dict)
     core_busy: dict[int, float] = field(default_factory=dict)
     """Share of each core's time spent busy during the run (from /proc/stat, all processes)."""
+    foreign_cores: float = 0.0
+    """CPU used by processes that are not ours during the run, in cores (other load)."""
 
 
-def core_times() -> dict[int, tuple[float, float]]:
-    """Per core: (busy jiffies, total jiffies) from /proc/stat (idle and iowait are not busy)."""
-    out: dict[int, tuple[float, float]] = {}
+def core_times() -> dict[int, tuple[float, float, float]]:
+    """Per core from /proc/stat, in jiffies: (busy, total, task time = user + nice + system).
+
+    Busy is everything but idle and iowait (irq, softirq and steal included); task time is what
+    processes are charged for, to compare with the processes' own /proc/PID/stat counters.
+    """
+    out: dict[int, tuple[float, float, float]] = {}
     for line in Path("/proc/stat").read_text().splitlines():
         name, *values = line.split()
         if not name.startswith("cpu") or name == "cpu":
@@ -409,7 +457,7 @@ def core_times() -> dict[int, tuple[float, float]]:
         numbers = [int(v) for v in values[:8]]
         idle = numbers[3] + numbers[4]
         total = sum(numbers)
-        out[int(name[3:])] = (total - idle, total)
+        out[int(name[3:])] = (total - idle, total, numbers[0] + numbers[1] + numbers[2])
     return out
 
 
@@ -425,13 +473,27 @@ class Bench:
         self.mock: Proc | None = None
 
     def run_wrk(self, setup: str, concurrency: int, duration: float) -> dict[str, Any]:
-        argv = self.stack.prefix(self.stack.client_cpu) + [
-            "wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "--latency", "--timeout", "5s",
-            "-s", str(BENCH_DIR / "post.lua"), self.urls[setup],
+        argv = [
+            *self.stack.prefix(self.stack.client_cpu),
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{duration:g}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            "-s",
+            str(BENCH_DIR / "post.lua"),
+            self.urls[setup],
         ]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.wrk = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True)
+        self.wrk = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, _ = self.wrk.communicate(timeout=duration + 30)
         finally:
@@ -443,7 +505,7 @@ class Bench:
         line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
         if line is None:
             raise RuntimeError(f"wrk printed no result:\n{out}")
-        data: dict[str, Any] = json.loads(line[len("BENCH_JSON "):])
+        data: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
         # wrk is our only child that ends during a run: the RUSAGE_CHILDREN delta is its CPU time
         data["wrk_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         return data
@@ -476,13 +538,19 @@ class Bench:
             errors={k: int(v) for k, v in data["errors"].items() if v},
             cpu_s=cpu,
             cpu_us_per_req={k: v * 1e6 / requests for k, v in cpu.items() if k in self.shown(setup)}
-            if requests else {},
+            if requests
+            else {},
             core_busy={
                 cpu: (cores_after[cpu][0] - cores_before[cpu][0])
                 / max(1e-9, cores_after[cpu][1] - cores_before[cpu][1])
-                for cpu in cores_after if cpu in cores_before
+                for cpu in cores_after
+                if cpu in cores_before
             },
         )
+        # CPU that no process of ours used: other work on the machine disturbing the run
+        task = sum(cores_after[c][2] - cores_before[c][2] for c in cores_after) / CLK_TCK
+        ours = sum(cpu.values())
+        result.foreign_cores = max(0.0, task - ours) / seconds if seconds else 0.0
         return result
 
     def shown(self, setup: str) -> list[str]:
@@ -494,11 +562,13 @@ class Bench:
     def stream_run(self, setup: str, count: int) -> list[tuple[float, float]]:
         """``count`` sequential streamed requests on one keep-alive connection: (ttfc, total) ms."""
         port = self.ports[setup]
-        body = json.dumps({
-            "model": "prod-chat",
-            "stream": True,
-            "messages": [{"role": "user", "content": "Write a haiku about load balancers."}],
-        }).encode()
+        body = json.dumps(
+            {
+                "model": "prod-chat",
+                "stream": True,
+                "messages": [{"role": "user", "content": "Write a haiku about load balancers."}],
+            }
+        ).encode()
         request = (
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             b"content-type: application/json\r\nx-bench-stream: 1\r\n"
@@ -519,17 +589,22 @@ class Bench:
 
     def check_setup(self, setup: str) -> dict[str, str]:
         """One plain request: it must succeed (and, for the router, carry the gateway headers)."""
-        body = json.dumps({"model": "prod-chat",
-                           "messages": [{"role": "user", "content": "hi"}]}).encode()
-        req = urllib.request.Request(self.urls[setup] + "/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
+        body = json.dumps(
+            {"model": "prod-chat", "messages": [{"role": "user", "content": "hi"}]}
+        ).encode()
+        req = urllib.request.Request(
+            self.urls[setup] + "/v1/chat/completions",
+            data=body,
+            headers={"content-type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
                 headers = {k.lower(): v for k, v in response.headers.items()}
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{setup}: sanity request failed with {exc.code}: "
-                               f"{exc.read()[:500]!r}") from None
+            raise RuntimeError(
+                f"{setup}: sanity request failed with {exc.code}: {exc.read()[:500]!r}"
+            ) from None
         if "usage" not in payload:
             raise RuntimeError(f"{setup}: unexpected answer {payload}")
         if setup == "router" and "x-gateway-target" not in headers:
@@ -592,9 +667,40 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def summarise(runs: list[RunResult], streams: dict[str, list[tuple[int, float, float]]],
-              concurrencies: list[int], sut_cpu: int | None = None,
-              client_cpu: int | None = None) -> dict[str, Any]:
+def _med(setup: dict[int, RunResult], rounds: list[int], attr: str) -> float:
+    return float(statistics.median(getattr(setup[i], attr) for i in rounds))
+
+
+def _cpu(setup: dict[int, RunResult], rounds: list[int]) -> dict[str, float]:
+    """CPU us per request of each process over all rounds (total CPU / total requests)."""
+    total_req = sum(setup[i].requests for i in rounds)
+    names = setup[rounds[0]].cpu_s.keys()
+    return {n: sum(setup[i].cpu_s[n] for i in rounds) * 1e6 / total_req for n in names}
+
+
+def _util(setup: dict[int, RunResult], rounds: list[int], names: list[str]) -> float:
+    secs = sum(setup[i].duration_s for i in rounds)
+    return sum(setup[i].cpu_s[n] for i in rounds for n in names) / secs
+
+
+def _core(setup: dict[int, RunResult], rounds: list[int], cpu: int | None) -> float:
+    values = []
+    for i in rounds:
+        busy = setup[i].core_busy
+        if cpu is None:  # not pinned: the machine as a whole
+            values.append(sum(busy.values()) / max(1, len(busy)))
+        else:
+            values.append(busy.get(cpu, float("nan")))
+    return statistics.median(values)
+
+
+def summarise(
+    runs: list[RunResult],
+    streams: dict[str, list[tuple[int, float, float]]],
+    concurrencies: list[int],
+    sut_cpu: int | None = None,
+    client_cpu: int | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"load": {}, "stream": {}}
     for c in concurrencies:
         floor = {r.round: r for r in runs if r.setup == "floor" and r.concurrency == c}
@@ -603,44 +709,37 @@ def summarise(runs: list[RunResult], streams: dict[str, list[tuple[int, float, f
         if not rounds:
             continue
 
-        def med(setup: dict[int, RunResult], attr: str) -> float:
-            return statistics.median(getattr(setup[i], attr) for i in rounds)
-
-        def cpu(setup: dict[int, RunResult]) -> dict[str, float]:
-            total_req = sum(setup[i].requests for i in rounds)
-            names = setup[rounds[0]].cpu_s.keys()
-            return {n: sum(setup[i].cpu_s[n] for i in rounds) * 1e6 / total_req for n in names}
-
-        def util(setup: dict[int, RunResult], names: list[str]) -> float:
-            secs = sum(setup[i].duration_s for i in rounds)
-            return sum(setup[i].cpu_s[n] for i in rounds for n in names) / secs
-
-        def core(setup: dict[int, RunResult], cpu: int | None) -> float:
-            values = []
-            for i in rounds:
-                busy = setup[i].core_busy
-                if cpu is None:  # not pinned: the machine as a whole
-                    values.append(sum(busy.values()) / max(1, len(busy)))
-                else:
-                    values.append(busy.get(cpu, float("nan")))
-            return statistics.median(values)
-
-        f_cpu, r_cpu = cpu(floor), cpu(router)
+        f_cpu, r_cpu = _cpu(floor, rounds), _cpu(router, rounds)
         out["load"][str(c)] = {
             "rounds": len(rounds),
-            "floor": {"rps": med(floor, "rps"), "p50_ms": med(floor, "p50_ms"),
-                      "p99_ms": med(floor, "p99_ms"), "cpu_us_per_req": f_cpu,
-                      "sut_process_util": util(floor, ["floor-envoy"]),
-                      "sut_core_busy": core(floor, sut_cpu),
-                      "client_core_busy": core(floor, client_cpu),
-                      "errors": sum(sum(floor[i].errors.values()) for i in rounds)},
-            "router": {"rps": med(router, "rps"), "p50_ms": med(router, "p50_ms"),
-                       "p99_ms": med(router, "p99_ms"), "cpu_us_per_req": r_cpu,
-                       "sut_process_util": util(router, ["router-envoy", "extproc"]),
-                       "sut_core_busy": core(router, sut_cpu),
-                       "client_core_busy": core(router, client_cpu),
-                       "errors": sum(sum(router[i].errors.values()) for i in rounds)},
+            "floor": {
+                "rps": _med(floor, rounds, "rps"),
+                "p50_ms": _med(floor, rounds, "p50_ms"),
+                "p99_ms": _med(floor, rounds, "p99_ms"),
+                "cpu_us_per_req": f_cpu,
+                "sut_process_util": _util(floor, rounds, ["floor-envoy"]),
+                "sut_core_busy": _core(floor, rounds, sut_cpu),
+                "client_core_busy": _core(floor, rounds, client_cpu),
+                "errors": sum(sum(floor[i].errors.values()) for i in rounds),
+            },
+            "router": {
+                "rps": _med(router, rounds, "rps"),
+                "p50_ms": _med(router, rounds, "p50_ms"),
+                "p99_ms": _med(router, rounds, "p99_ms"),
+                "cpu_us_per_req": r_cpu,
+                "sut_process_util": _util(router, rounds, ["router-envoy", "extproc"]),
+                "sut_core_busy": _core(router, rounds, sut_cpu),
+                "client_core_busy": _core(router, rounds, client_cpu),
+                "errors": sum(sum(router[i].errors.values()) for i in rounds),
+            },
+            "max_foreign_cores": max(
+                x.foreign_cores for d in (floor, router) for x in (d[i] for i in rounds)
+            ),
             "ratio_rps": statistics.median(router[i].rps / floor[i].rps for i in rounds),
+            "ratio_cpu": (
+                sum(f_cpu.get(n, 0.0) for n in ("floor-envoy",))
+                / max(1e-9, sum(r_cpu.get(n, 0.0) for n in ("router-envoy", "extproc")))
+            ),
             "added_p50_ms": statistics.median(router[i].p50_ms - floor[i].p50_ms for i in rounds),
             "added_p99_ms": statistics.median(router[i].p99_ms - floor[i].p99_ms for i in rounds),
         }
@@ -649,8 +748,10 @@ def summarise(runs: list[RunResult], streams: dict[str, list[tuple[int, float, f
         total = [s[2] for s in samples]
         out["stream"][setup] = {
             "requests": len(samples),
-            "ttfc_p50_ms": percentile(ttfc, 50), "ttfc_p99_ms": percentile(ttfc, 99),
-            "total_p50_ms": percentile(total, 50), "total_p99_ms": percentile(total, 99),
+            "ttfc_p50_ms": percentile(ttfc, 50),
+            "ttfc_p99_ms": percentile(ttfc, 99),
+            "total_p50_ms": percentile(total, 50),
+            "total_p99_ms": percentile(total, 99),
         }
     if "floor" in out["stream"] and "router" in out["stream"]:
         f, r = out["stream"]["floor"], out["stream"]["router"]
@@ -660,125 +761,275 @@ def summarise(runs: list[RunResult], streams: dict[str, list[tuple[int, float, f
     return out
 
 
+def ext_proc_per_request(stats: dict[str, int]) -> dict[str, float]:
+    """gRPC streams and messages per client request, from the router Envoy's ext_proc counters.
+
+    ``http.vmrouter.ext_proc.*`` is the router-level filter (one stream per client request);
+    ``cluster.<provider>.ext_proc.*`` the upstream-level filter (one stream per attempt). Counted
+    over the whole run (warm-up, checks and streams included).
+    """
+
+    def total(prefix: str, counter: str) -> int:
+        suffix = ".ext_proc." + counter
+        return sum(v for k, v in stats.items() if k.startswith(prefix) and k.endswith(suffix))
+
+    requests = total("http.", "streams_started")
+    if not requests:
+        return {}
+    return {
+        "requests": requests,
+        "router_streams": 1.0,
+        "upstream_streams": total("cluster.", "streams_started") / requests,
+        "router_msgs_sent": total("http.", "stream_msgs_sent") / requests,
+        "upstream_msgs_sent": total("cluster.", "stream_msgs_sent") / requests,
+    }
+
+
 def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     load = summary["load"]
     rows = []
     if "32" in load:
-        rows.append({"target": "c=32 throughput ratio to floor", "goal": f">= {TARGET_RATIO_C32}",
-                     "value": load["32"]["ratio_rps"],
-                     "met": load["32"]["ratio_rps"] >= TARGET_RATIO_C32, "unit": ""})
+        rows.append(
+            {
+                "target": "c=32 throughput ratio to floor",
+                "goal": f">= {TARGET_RATIO_C32}",
+                "value": load["32"]["ratio_rps"],
+                "met": load["32"]["ratio_rps"] >= TARGET_RATIO_C32,
+                "unit": "",
+            }
+        )
     if "1" in load:
-        rows.append({"target": "c=1 added p50 latency", "goal": f"<= {TARGET_ADDED_P50_MS} ms",
-                     "value": load["1"]["added_p50_ms"],
-                     "met": load["1"]["added_p50_ms"] <= TARGET_ADDED_P50_MS, "unit": "ms"})
-        rows.append({"target": "c=1 added p99 latency", "goal": f"<= {TARGET_ADDED_P99_MS} ms",
-                     "value": load["1"]["added_p99_ms"],
-                     "met": load["1"]["added_p99_ms"] <= TARGET_ADDED_P99_MS, "unit": "ms"})
+        rows.append(
+            {
+                "target": "c=1 added p50 latency",
+                "goal": f"<= {TARGET_ADDED_P50_MS} ms",
+                "value": load["1"]["added_p50_ms"],
+                "met": load["1"]["added_p50_ms"] <= TARGET_ADDED_P50_MS,
+                "unit": "ms",
+            }
+        )
+        rows.append(
+            {
+                "target": "c=1 added p99 latency",
+                "goal": f"<= {TARGET_ADDED_P99_MS} ms",
+                "value": load["1"]["added_p99_ms"],
+                "met": load["1"]["added_p99_ms"] <= TARGET_ADDED_P99_MS,
+                "unit": "ms",
+            }
+        )
     return rows
 
 
-def render(summary: dict[str, Any], rss: dict[str, float], target_rows: list[dict[str, Any]],
-           header: str) -> str:
+def render(
+    summary: dict[str, Any], rss: dict[str, float], target_rows: list[dict[str, Any]], header: str
+) -> str:
     lines = [header, ""]
     lines.append("| metric | floor (Envoy alone) | router (Envoy + ext_proc) | router vs floor |")
     lines.append("|---|---:|---:|---:|")
     for c, row in summary["load"].items():
         f, r = row["floor"], row["router"]
-        lines.append(f"| c={c} throughput (req/s) | {f['rps']:,.0f} | {r['rps']:,.0f} | "
-                     f"x{row['ratio_rps']:.3f} |")
-        lines.append(f"| c={c} latency p50 (ms) | {f['p50_ms']:.3f} | {r['p50_ms']:.3f} | "
-                     f"+{row['added_p50_ms']:.3f} ms |")
-        lines.append(f"| c={c} latency p99 (ms) | {f['p99_ms']:.3f} | {r['p99_ms']:.3f} | "
-                     f"+{row['added_p99_ms']:.3f} ms |")
+        lines.append(
+            f"| c={c} throughput (req/s) | {f['rps']:,.0f} | {r['rps']:,.0f} | "
+            f"x{row['ratio_rps']:.3f} |"
+        )
+        lines.append(
+            f"| c={c} latency p50 (ms) | {f['p50_ms']:.3f} | {r['p50_ms']:.3f} | "
+            f"+{row['added_p50_ms']:.3f} ms |"
+        )
+        lines.append(
+            f"| c={c} latency p99 (ms) | {f['p99_ms']:.3f} | {r['p99_ms']:.3f} | "
+            f"+{row['added_p99_ms']:.3f} ms |"
+        )
         fe = f["cpu_us_per_req"].get("floor-envoy", 0.0)
         re_ = r["cpu_us_per_req"].get("router-envoy", 0.0)
         ep = r["cpu_us_per_req"].get("extproc", 0.0)
         lines.append(f"| c={c} CPU us/req: Envoy | {fe:,.0f} | {re_:,.0f} | +{re_ - fe:,.0f} us |")
         lines.append(f"| c={c} CPU us/req: ext_proc | - | {ep:,.0f} | |")
-        lines.append(f"| c={c} CPU us/req: system under test | {fe:,.0f} | {re_ + ep:,.0f} | "
-                     f"x{(re_ + ep) / fe if fe else float('nan'):.2f} |")
-        lines.append(f"| c={c} SUT core busy | {f['sut_core_busy']:.0%} | "
-                     f"{r['sut_core_busy']:.0%} | |")
-        lines.append(f"| c={c} client core busy | {f['client_core_busy']:.0%} | "
-                     f"{r['client_core_busy']:.0%} | |")
+        lines.append(
+            f"| c={c} CPU us/req: system under test | {fe:,.0f} | {re_ + ep:,.0f} | "
+            f"x{(re_ + ep) / fe if fe else float('nan'):.2f} |"
+        )
+        sut = re_ + ep
+        lines.append(
+            f"| c={c} requests per SUT CPU-second | {1e6 / fe if fe else 0:,.0f} | "
+            f"{1e6 / sut if sut else 0:,.0f} | x{row['ratio_cpu']:.3f} |"
+        )
+        lines.append(
+            f"| c={c} SUT core busy | {f['sut_core_busy']:.0%} | {r['sut_core_busy']:.0%} | |"
+        )
+        lines.append(
+            f"| c={c} client core busy | {f['client_core_busy']:.0%} | "
+            f"{r['client_core_busy']:.0%} | |"
+        )
         if f["errors"] or r["errors"]:
             lines.append(f"| c={c} errors (non-2xx, socket) | {f['errors']} | {r['errors']} | |")
     st = summary["stream"]
     if "floor" in st and "router" in st:
         f, r = st["floor"], st["router"]
-        lines.append(f"| stream time to first chunk p50 (ms) | {f['ttfc_p50_ms']:.3f} | "
-                     f"{r['ttfc_p50_ms']:.3f} | +{st['added_ttfc_p50_ms']:.3f} ms |")
-        lines.append(f"| stream time to first chunk p99 (ms) | {f['ttfc_p99_ms']:.3f} | "
-                     f"{r['ttfc_p99_ms']:.3f} | +{st['added_ttfc_p99_ms']:.3f} ms |")
-        lines.append(f"| stream total time p50 (ms) | {f['total_p50_ms']:.3f} | "
-                     f"{r['total_p50_ms']:.3f} | +{st['added_total_p50_ms']:.3f} ms |")
-    lines.append(f"| peak RSS, Envoy (MB) | {rss.get('floor-envoy', 0):.1f} | "
-                 f"{rss.get('router-envoy', 0):.1f} | |")
+        lines.append(
+            f"| stream time to first chunk p50 (ms) | {f['ttfc_p50_ms']:.3f} | "
+            f"{r['ttfc_p50_ms']:.3f} | +{st['added_ttfc_p50_ms']:.3f} ms |"
+        )
+        lines.append(
+            f"| stream time to first chunk p99 (ms) | {f['ttfc_p99_ms']:.3f} | "
+            f"{r['ttfc_p99_ms']:.3f} | +{st['added_ttfc_p99_ms']:.3f} ms |"
+        )
+        lines.append(
+            f"| stream total time p50 (ms) | {f['total_p50_ms']:.3f} | "
+            f"{r['total_p50_ms']:.3f} | +{st['added_total_p50_ms']:.3f} ms |"
+        )
+    per = summary.get("ext_proc_per_request") or {}
+    if per:
+        lines.append(
+            f"| ext_proc gRPC streams per request (router + upstream) | - | "
+            f"{per['router_streams']:.0f} + {per['upstream_streams']:.2f} | |"
+        )
+        lines.append(
+            f"| ext_proc messages per request, Envoy to ext_proc (router + upstream) | - | "
+            f"{per['router_msgs_sent']:.2f} + {per['upstream_msgs_sent']:.2f} | |"
+        )
+    lines.append(
+        f"| peak RSS, Envoy (MB) | {rss.get('floor-envoy', 0):.1f} | "
+        f"{rss.get('router-envoy', 0):.1f} | |"
+    )
     lines.append(f"| peak RSS, ext_proc (MB) | - | {rss.get('extproc', 0):.1f} | |")
+    noisy = {
+        c: row["max_foreign_cores"]
+        for c, row in summary["load"].items()
+        if row["max_foreign_cores"] > FOREIGN_WARN_CORES
+    }
+    if noisy:
+        lines.append("")
+        lines.append(
+            "WARNING: other processes used CPU during some runs (up to "
+            + ", ".join(f"{v:.2f} cores at c={c}" for c, v in noisy.items())
+            + "): absolute numbers are disturbed; the interleaved ratios less so."
+        )
     lines.append("")
     lines.append("| target (issue 7) | goal | measured | |")
     lines.append("|---|---|---:|---|")
     for t in target_rows:
         value = f"{t['value']:.3f}" + (f" {t['unit']}" if t["unit"] else "")
-        lines.append(f"| {t['target']} | {t['goal']} | {value} | "
-                     f"{'met' if t['met'] else 'MISSED'} |")
+        lines.append(
+            f"| {t['target']} | {t['goal']} | {value} | {'met' if t['met'] else 'MISSED'} |"
+        )
     return "\n".join(lines)
 
 
 # --- profile ------------------------------------------------------------------------------------
 
 
-def _bucket(frame: str) -> str:
+_IDLE_LEAF = re.compile(
+    r"^(epoll_wait|epoll_pwait|epoll_pwait2|poll|ppoll|select|pselect|futex_wait|__futex_abstimed"
+    r"|pthread_cond_wait|pthread_cond_timedwait|nanosleep|clock_nanosleep|select_epoll_poll_impl"
+    r"|syscall|sem_wait|sem_timedwait) "
+)
+_HANDLER = re.compile(r"\((?:.*/)?extproc/(?!servicer\.py|server\.py|__main__\.py)")
+_SERVICER = re.compile(r"\((?:.*/)?extproc/servicer\.py")
+
+
+_TELEMETRY = re.compile(
+    r"opentelemetry|prometheus|\((?:.*/)?(?:metrics/_internal|attributes|context|trace)/"
+)
+"""OpenTelemetry frames (py-spy shows its namespace packages without the opentelemetry/ part)."""
+_INCLUSIVE = {
+    "OpenTelemetry SDK (metrics, spans, context)": _TELEMETRY,
+    "extproc/observe.py + telemetry.py (recording outcomes)": re.compile(
+        r"extproc/(?:observe|telemetry)\.py"
+    ),
+    "extproc/envoy.py (protobuf decode/encode helpers)": re.compile(r"extproc/envoy\.py"),
+    "protobuf runtime (upb)": re.compile(r"_message\.abi3|upb|protobuf", re.IGNORECASE),
+    "json (parse body, dump target body, read response)": re.compile(r"\((?:json/|_json)"),
+    "routing decision (routing/, health.py)": re.compile(r"extproc/(?:routing/|health\.py)"),
+    "grpc poller thread (threading Thread.run)": re.compile(r"^Thread\.run "),
+    "dataclass __init__ (per-request objects)": re.compile(r"__create_fn__"),
+}
+"""Groups reported inclusively: share of busy samples with any matching frame on the stack."""
+
+
+def _function(frame: str) -> str:
+    """A frame without its line number; unresolved native addresses grouped by library."""
+    name, _, where = frame.partition(" (")
+    where = re.sub(r":\d+\)$", ")", where).rstrip(")")
+    if name.startswith("0x"):
+        name = "<native>"
+    return f"{name} ({where})" if where else name
+
+
+def _area(frame: str) -> str:
     f = frame.lower()
-    if "/extproc/" in f:
+    if re.search(r"\((?:.*/)?extproc/", f):
         return "vmrouter (extproc/)"
-    if "cygrpc" in f or "/grpc/" in f or "grpc_" in f or "libgrpc" in f or "/_cython/" in f:
-        return "grpc"
-    if "protobuf" in f or "upb" in f or "_message" in f:
+    if "grpc" in f:
+        return "grpc (cygrpc, grpc.aio, event engine)"
+    if "protobuf" in f or "upb" in f or "_message.abi3" in f:
         return "protobuf"
-    if "opentelemetry" in f or "prometheus" in f:
-        return "telemetry (opentelemetry)"
-    if "asyncio/" in f or "selectors" in f or "_asyncio" in f:
+    if _TELEMETRY.search(f):
+        return "telemetry libraries (opentelemetry)"
+    if "asyncio" in f or "selectors" in f:
         return "asyncio event loop"
-    if "json/" in f or "_json" in f:
+    if "json" in f:
         return "json"
-    return "other"
+    if "libc.so" in f:
+        return "libc (syscalls: sendmsg, write, recv...)"
+    if "libpython" in f:
+        return "CPython runtime (gc, alloc, eval)"
+    return "other Python / native"
 
 
-def summarise_profile(raw: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares from py-spy's collapsed-stack (raw) output."""
-    self_counts: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
-    buckets: Counter[str] = Counter()
-    own_incl: Counter[str] = Counter()
-    total = 0
+def summarise_profile(raw: Path, top: int = 20) -> dict[str, Any]:
+    """Where the ext_proc's busy samples are, from py-spy's collapsed stacks (``--format raw``).
+
+    Idle samples (threads parked in epoll_wait, futex waits...) are dropped. Each busy sample is
+    then classed by its stack: *handler* if any extproc/ frame other than the servicer loop is on
+    it (our code and everything it calls: json, protobuf building, opentelemetry), *servicer*
+    if only extproc/servicer.py is (the stream loop, e.g. reading the next message through
+    grpc.aio), else *grpc/asyncio machinery* (no frame of ours: event engine threads, the
+    completion queue, the event loop).
+    """
+    busy = idle = 0
+    classes: Counter[str] = Counter()
+    leaf_areas: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    ours: Counter[str] = Counter()
+    groups: Counter[str] = Counter()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if f]
-        # drop the leading "process"/"thread" pseudo-frames py-spy may add
         if not frames:
             continue
-        total += count
-        leaf = frames[-1]
-        self_counts[leaf] += count
-        buckets[_bucket(leaf)] += count
-        for frame in set(frames):
-            incl[frame] += count
-        # the outermost extproc frame that is our handler code, counted once per stack
-        for frame in frames:
-            if "/extproc/" in frame:
-                own_incl["any frame in extproc/ on the stack"] += count
-                break
-    share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0.0)
+        if _IDLE_LEAF.match(frames[-1]):
+            idle += count
+            continue
+        busy += count
+        if any(_HANDLER.search(f) for f in frames):
+            classes["handler code (extproc/, with the json/protobuf/otel it calls)"] += count
+        elif any(_SERVICER.search(f) for f in frames):
+            classes["servicer loop only (extproc/servicer.py awaiting grpc.aio)"] += count
+        else:
+            classes["grpc / asyncio machinery (no extproc/ frame on the stack)"] += count
+        leaf_areas[_area(frames[-1])] += count
+        leaves[_function(frames[-1])] += count
+        for function in {_function(f) for f in frames if _HANDLER.search(f)}:
+            ours[function] += count
+        for group, pattern in _INCLUSIVE.items():
+            if any(pattern.search(f) for f in frames):
+                groups[group] += count
+
+    def pct(n: int) -> float:
+        return round(100 * n / busy, 1) if busy else 0.0
+
     return {
-        "samples": total,
-        "self_by_area_pct": {k: share(v) for k, v in buckets.most_common()},
-        "inclusive_extproc_pct": share(own_incl["any frame in extproc/ on the stack"]),
-        "top_self": [(k, share(v)) for k, v in self_counts.most_common(top)],
-        "top_inclusive": [(k, share(v)) for k, v in incl.most_common(top)],
+        "samples_busy": busy,
+        "samples_idle": idle,
+        "by_stack_pct": {k: pct(v) for k, v in classes.most_common()},
+        "by_leaf_area_pct": {k: pct(v) for k, v in leaf_areas.most_common()},
+        "inclusive_pct": {k: pct(groups[k]) for k in _INCLUSIVE},
+        "top_leaf_pct": [(k, pct(v)) for k, v in leaves.most_common(top)],
+        "top_extproc_inclusive_pct": [(k, pct(v)) for k, v in ours.most_common(top)],
     }
 
 
@@ -791,36 +1042,63 @@ def env_default(name: str, default: Any, kind: type = int) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-    parser.add_argument("--quick", action="store_true", default=quick,
-                        help="1 round of 3 s, 30 stream requests (BENCH_QUICK=1)")
-    parser.add_argument("--rounds", type=int, default=env_default("BENCH_ROUNDS", None),
-                        help="interleaved rounds (BENCH_ROUNDS; default 3, quick 1)")
-    parser.add_argument("--duration", type=float,
-                        default=env_default("BENCH_DURATION", None, float),
-                        help="seconds per wrk run (BENCH_DURATION; default 10, quick 3)")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds of unmeasured c=32 load per setup first (default 2, quick 1)")
-    parser.add_argument("--concurrency", default=os.environ.get("BENCH_CONCURRENCY", "1,32"),
-                        help="comma-separated wrk connection counts (default 1,32)")
-    parser.add_argument("--stream-requests", type=int,
-                        default=env_default("BENCH_STREAM_REQUESTS", None),
-                        help="streamed requests per setup and round (default 200, quick 30; "
-                        "0 skips)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        default=quick,
+        help="1 round of 3 s, 30 stream requests (BENCH_QUICK=1)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=env_default("BENCH_ROUNDS", None),
+        help="interleaved rounds (BENCH_ROUNDS; default 3, quick 1)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=env_default("BENCH_DURATION", None, float),
+        help="seconds per wrk run (BENCH_DURATION; default 10, quick 3)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of unmeasured c=32 load per setup first (default 2, quick 1)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default=os.environ.get("BENCH_CONCURRENCY", "1,32"),
+        help="comma-separated wrk connection counts (default 1,32)",
+    )
+    parser.add_argument(
+        "--stream-requests",
+        type=int,
+        default=env_default("BENCH_STREAM_REQUESTS", None),
+        help="streamed requests per setup and round (default 200, quick 30; 0 skips)",
+    )
     parser.add_argument("--stream-chunks", type=int, default=10)
     parser.add_argument("--stream-interval-ms", type=float, default=2.0)
-    parser.add_argument("--profile", type=float, default=env_default("BENCH_PROFILE", 0, float),
-                        metavar="SECONDS",
-                        help="afterwards, profile the ext_proc with py-spy for SECONDS under c=32 "
-                        "load (BENCH_PROFILE; needs py-spy in the venv)")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=env_default("BENCH_PROFILE", 0, float),
+        metavar="SECONDS",
+        help="afterwards, profile the ext_proc with py-spy for SECONDS under c=32 "
+        "load (BENCH_PROFILE; needs py-spy in the venv)",
+    )
     parser.add_argument("--config", type=Path, default=BENCH_DIR / "gateway.yaml")
-    parser.add_argument("--out", type=Path,
-                        default=Path(os.environ.get("BENCH_OUT",
-                                                    "/tmp/vmrouter-bench/latest.json")),
-                        help="JSON results (BENCH_OUT; default /tmp/vmrouter-bench/latest.json); "
-                        "the profile files go beside it")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("BENCH_OUT", "/tmp/vmrouter-bench/latest.json")),
+        help="JSON results (BENCH_OUT; default /tmp/vmrouter-bench/latest.json); "
+        "the profile files go beside it",
+    )
     parser.add_argument("--sut-cpu", type=int, default=1, help="core for Envoy + ext_proc")
     parser.add_argument("--client-cpu", type=int, default=0, help="core for wrk, mock, clients")
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
@@ -835,6 +1113,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def git_state() -> str:
+    """The commit measured, and whether the work tree had changes (``abc1234+dirty``)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            timeout=10,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "extproc"],
+            cwd=ROOT,
+            timeout=10,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty extproc/" if dirty else "")
+
+
 def machine_info(pinned: bool, pin_note: str) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -842,13 +1142,15 @@ def machine_info(pinned: bool, pin_note: str) -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+
     def version(argv: list[str]) -> str:
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             return (out.stdout or out.stderr).strip().splitlines()[0]
         except (OSError, IndexError, subprocess.TimeoutExpired):
             return "unknown"
-    import grpc  # noqa: PLC0415 - only for its version
+
+    import grpc  # only for its version
 
     envoy_version = version([envoy_binary(), "--version"])
     match = re.search(r"/(\d+\.\d+\.\d+)/", envoy_version)
@@ -860,83 +1162,165 @@ def machine_info(pinned: bool, pin_note: str) -> dict[str, Any]:
         "grpcio": grpc.__version__,
         "envoy": match.group(1) if match else envoy_version,
         "wrk": version(["wrk", "-v"]),
+        "tree": git_state(),
         "pinned": pinned,
         "pinning": pin_note,
     }
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("wrk") is None:
-        print("wrk is not installed: `make bench` installs it (apt-get install wrk)",
-              file=sys.stderr)
+        print(
+            "wrk is not installed: `make bench` installs it (apt-get install wrk)", file=sys.stderr
+        )
         return 2
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     if pin:
-        pin_note = (f"system under test on CPU {args.sut_cpu}; wrk, mock, SSE server and "
-                    f"clients on CPU {args.client_cpu}")
+        pin_note = (
+            f"system under test on CPU {args.sut_cpu}; wrk, mock, SSE server and "
+            f"clients on CPU {args.client_cpu}"
+        )
         os.sched_setaffinity(0, {args.client_cpu})
     else:
-        pin_note = ("NOT pinned: " + ("--no-pin" if args.no_pin else
-                    "taskset missing" if shutil.which("taskset") is None else "fewer than 2 cores")
-                    + "; everything shares the machine's cores")
+        pin_note = (
+            "NOT pinned: "
+            + (
+                "--no-pin"
+                if args.no_pin
+                else "taskset missing"
+                if shutil.which("taskset") is None
+                else "fewer than 2 cores"
+            )
+            + "; everything shares the machine's cores"
+        )
     print(f"pinning: {pin_note}", flush=True)
 
     # SIGTERM (e.g. make killed) must still run the finally block that stops the processes.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
 
     workdir = Path(tempfile.mkdtemp(prefix="vmrouter-bench-"))
     stack = Stack(workdir, pin, args.sut_cpu, args.client_cpu)
     bench = Bench(args, stack)
     started = time.monotonic()
     try:
-        ports = {k: free_port() for k in ("mock", "mock_admin", "sse", "floor", "floor_admin",
-                                          "router", "router_admin", "extproc", "metrics")}
+        ports = {
+            k: free_port()
+            for k in (
+                "mock",
+                "mock_admin",
+                "sse",
+                "floor",
+                "floor_admin",
+                "router",
+                "router_admin",
+                "extproc",
+                "metrics",
+            )
+        }
         bench.ports = {"floor": ports["floor"], "router": ports["router"]}
         bench.urls = {s: f"http://127.0.0.1:{p}" for s, p in bench.ports.items()}
 
-        sse = stack.start("sse-upstream", [sys.executable, str(BENCH_DIR / "sse_upstream.py"),
-                                           "--port", str(ports["sse"]),
-                                           "--chunks", str(args.stream_chunks),
-                                           "--interval-ms", str(args.stream_interval_ms)],
-                          args.client_cpu)
+        sse = stack.start(
+            "sse-upstream",
+            [
+                sys.executable,
+                str(BENCH_DIR / "sse_upstream.py"),
+                "--port",
+                str(ports["sse"]),
+                "--chunks",
+                str(args.stream_chunks),
+                "--interval-ms",
+                str(args.stream_interval_ms),
+            ],
+            args.client_cpu,
+        )
         wait_for("sse upstream", lambda: port_open(ports["sse"]), sse)
-        bench.mock = start_envoy(stack, "mock",
-                                 mock_config(ports["mock"], ports["mock_admin"], ports["sse"]),
-                                 ports["mock_admin"], args.client_cpu)
+        bench.mock = start_envoy(
+            stack,
+            "mock",
+            mock_config(ports["mock"], ports["mock_admin"], ports["sse"]),
+            ports["mock_admin"],
+            args.client_cpu,
+        )
 
         config_path = workdir / "gateway.yaml"
         gateway_config(args.config, ports["mock"], config_path)
         router_yaml = workdir / "router-bootstrap.yaml"
         subprocess.run(
-            [sys.executable, "-m", "extproc", "--log-level", "ERROR", "envoy-config",
-             "--config", str(config_path), "--listen-address", "127.0.0.1",
-             "--port", str(ports["router"]), "--admin-port", str(ports["router_admin"]),
-             "--extproc", f"127.0.0.1:{ports['extproc']}", "-o", str(router_yaml)],
-            check=True, cwd=ROOT, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "extproc",
+                "--log-level",
+                "ERROR",
+                "envoy-config",
+                "--config",
+                str(config_path),
+                "--listen-address",
+                "127.0.0.1",
+                "--port",
+                str(ports["router"]),
+                "--admin-port",
+                str(ports["router_admin"]),
+                "--extproc",
+                f"127.0.0.1:{ports['extproc']}",
+                "-o",
+                str(router_yaml),
+            ],
+            check=True,
+            cwd=ROOT,
+            timeout=60,
         )
         router_cfg = yaml.safe_load(router_yaml.read_text())
-        env = {**os.environ, "BENCH_OPENAI_API_KEY": "sk-bench-openai",
-               "BENCH_AZURE_API_KEY": "sk-bench-azure"}
+        env = {
+            **os.environ,
+            "BENCH_OPENAI_API_KEY": "sk-bench-openai",
+            "BENCH_AZURE_API_KEY": "sk-bench-azure",
+        }
         extproc = stack.start(
             "extproc",
-            [sys.executable, "-m", "extproc", "serve", "--config", str(config_path),
-             "--listen", f"127.0.0.1:{ports['extproc']}",
-             "--metrics-listen", f"127.0.0.1:{ports['metrics']}", "--drain-seconds", "1"],
-            args.sut_cpu, env=env,
+            [
+                sys.executable,
+                "-m",
+                "extproc",
+                "serve",
+                "--config",
+                str(config_path),
+                "--listen",
+                f"127.0.0.1:{ports['extproc']}",
+                "--metrics-listen",
+                f"127.0.0.1:{ports['metrics']}",
+                "--drain-seconds",
+                "1",
+            ],
+            args.sut_cpu,
+            env=env,
         )
         wait_for("ext_proc", lambda: port_open(ports["extproc"]), extproc)
-        router_envoy = start_envoy(stack, "router-envoy", router_cfg, ports["router_admin"],
-                                   args.sut_cpu)
-        floor_envoy = start_envoy(stack, "floor-envoy",
-                                  floor_config(router_cfg, ports["floor"], ports["floor_admin"]),
-                                  ports["floor_admin"], args.sut_cpu)
+        router_envoy = start_envoy(
+            stack, "router-envoy", router_cfg, ports["router_admin"], args.sut_cpu
+        )
+        floor_envoy = start_envoy(
+            stack,
+            "floor-envoy",
+            floor_config(router_cfg, ports["floor"], ports["floor_admin"]),
+            ports["floor_admin"],
+            args.sut_cpu,
+        )
         bench.procs = {"floor": [floor_envoy], "router": [router_envoy, extproc]}
 
         machine = machine_info(pin, pin_note)
-        print(f"machine: {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}, "
-              f"Python {machine['python']}, grpcio {machine['grpcio']}, Envoy {machine['envoy']}",
-              flush=True)
+        print(
+            f"machine: {machine['cpu']}, {machine['cores']} cores, kernel {machine['kernel']}, "
+            f"Python {machine['python']}, grpcio {machine['grpcio']}, Envoy {machine['envoy']}, "
+            f"tree {machine['tree']}, load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         print(f"router answered with {bench.check_setup('router')}", flush=True)
         bench.check_setup("floor")
 
@@ -953,39 +1337,64 @@ def main(argv: list[str] | None = None) -> int:
                 for setup in ("floor", "router"):
                     result = bench.measure(setup, round_no, c, args.duration)
                     runs.append(result)
-                    print(f"round {round_no} c={c:<3} {setup:<6} {result.rps:9,.0f} req/s  "
-                          f"p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
-                          f"CPU us/req {', '.join(f'{k} {v:,.0f}' for k, v in result.cpu_us_per_req.items())}"
-                          + (f"  ERRORS {result.errors}" if result.errors else ""), flush=True)
+                    print(
+                        f"round {round_no} c={c:<3} {setup:<6} {result.rps:9,.0f} req/s  "
+                        f"p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
+                        "CPU us/req "
+                        + ", ".join(f"{k} {v:,.0f}" for k, v in result.cpu_us_per_req.items())
+                        + (f"  ERRORS {result.errors}" if result.errors else "")
+                        + (
+                            f"  (other load on the machine: {result.foreign_cores:.2f} cores)"
+                            if result.foreign_cores > FOREIGN_WARN_CORES
+                            else ""
+                        ),
+                        flush=True,
+                    )
             if args.stream_requests:
                 for setup in ("floor", "router"):
                     samples = bench.stream_run(setup, args.stream_requests)
                     streams[setup].extend((round_no, a, b) for a, b in samples)
-                    print(f"round {round_no} stream {setup:<6} ttfc p50 "
-                          f"{percentile([a for a, _ in samples], 50):.3f} ms  total p50 "
-                          f"{percentile([b for _, b in samples], 50):.3f} ms", flush=True)
+                    print(
+                        f"round {round_no} stream {setup:<6} ttfc p50 "
+                        f"{percentile([a for a, _ in samples], 50):.3f} ms  total p50 "
+                        f"{percentile([b for _, b in samples], 50):.3f} ms",
+                        flush=True,
+                    )
 
-        rss = {p.name: p.status_kb("VmHWM") / 1024 for p in
-               (floor_envoy, router_envoy, extproc, bench.mock)}
+        rss = {
+            p.name: p.status_kb("VmHWM") / 1024
+            for p in (floor_envoy, router_envoy, extproc, bench.mock)
+        }
         metrics_ok = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics") == 200
+        extproc_stats = envoy_stats(ports["router_admin"], "ext_proc")
+        served = envoy_stats(ports["router_admin"], r"^http\.vmrouter\.downstream_rq_completed$")
 
         profile: dict[str, Any] | None = None
         if args.profile > 0:
             profile = run_profile(bench, stack, extproc, args)
 
-        summary = summarise(runs, streams if args.stream_requests else {}, args.concurrencies,
-                            args.sut_cpu if pin else None, args.client_cpu if pin else None)
+        per_request = ext_proc_per_request(extproc_stats)
+        summary = summarise(
+            runs,
+            streams if args.stream_requests else {},
+            args.concurrencies,
+            args.sut_cpu if pin else None,
+            args.client_cpu if pin else None,
+        )
+        summary["ext_proc_per_request"] = per_request
         target_rows = targets(summary)
-        header = (f"vmrouter bench: {args.rounds} interleaved round(s) of {args.duration:g} s per "
-                  f"setup and concurrency; Envoy {machine['envoy']} --concurrency 1; "
-                  f"{pin_note}; took {time.monotonic() - started:.0f} s")
+        header = (
+            f"vmrouter bench: {args.rounds} interleaved round(s) of {args.duration:g} s per "
+            f"setup and concurrency; Envoy {machine['envoy']} --concurrency 1; "
+            f"{pin_note}; took {time.monotonic() - started:.0f} s"
+        )
         table = render(summary, rss, target_rows, header)
         print()
         print(table)
         if profile is not None:
             print()
             print(render_profile(profile))
-        result = {
+        document = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "machine": machine,
@@ -993,18 +1402,23 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb": rss,
             "targets": target_rows,
             "telemetry_metrics_endpoint_ok": metrics_ok,
+            "router_envoy_ext_proc_stats": extproc_stats,
+            "router_envoy_requests": served,
             "runs": [vars(r) for r in runs],
             "streams": streams,
             "profile": profile,
             "table": table,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(json.dumps(document, indent=2))
         print(f"\nresults: {args.out}")
         errors = sum(sum(r.errors.values()) for r in runs)
         if errors:
-            print(f"WARNING: {errors} failed requests (non-2xx or socket errors): the numbers above "
-                  "are not trustworthy", file=sys.stderr)
+            print(
+                f"WARNING: {errors} failed requests (non-2xx or socket errors): the numbers above "
+                "are not trustworthy",
+                file=sys.stderr,
+            )
             return 1
         return 0
     except KeyboardInterrupt:
@@ -1021,25 +1435,41 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_profile(bench: Bench, stack: Stack, extproc: Proc, args: argparse.Namespace
-                ) -> dict[str, Any]:
+def run_profile(
+    bench: Bench, stack: Stack, extproc: Proc, args: argparse.Namespace
+) -> dict[str, Any]:
     """py-spy record (native frames included) on the ext_proc during a c=32 wrk run."""
     py_spy = Path(sys.executable).parent / "py-spy"
     if not py_spy.exists():
-        print("profile skipped: py-spy is not installed (.venv/bin/pip install py-spy)",
-              file=sys.stderr)
+        print(
+            "profile skipped: py-spy is not installed (.venv/bin/pip install py-spy)",
+            file=sys.stderr,
+        )
         return {"skipped": "py-spy not installed"}
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "profile.txt"
     svg = out_dir / "profile.svg"
     seconds = args.profile
-    argv = stack.prefix(stack.client_cpu) + [
-        str(py_spy), "record", "--pid", str(extproc.pid), "--duration", f"{seconds:g}",
-        "--rate", "200", "--native", "--nonblocking", "--format", "raw", "--output", str(raw),
+    argv = [
+        *stack.prefix(stack.client_cpu),
+        str(py_spy),
+        "record",
+        "--pid",
+        str(extproc.pid),
+        "--duration",
+        f"{seconds:g}",
+        "--rate",
+        "200",
+        "--native",
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
     ]
-    spy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+    spy = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         time.sleep(0.5)
         bench.run_wrk("router", 32, seconds + 1)
@@ -1055,8 +1485,9 @@ def run_profile(bench: Bench, stack: Stack, extproc: Proc, args: argparse.Namesp
         # the same samples as a flame graph, for a person to look at
         flame = shutil.which("flamegraph.pl")
         if flame:
-            svg.write_bytes(subprocess.run([flame, str(raw)], capture_output=True,
-                                           timeout=60).stdout)
+            svg.write_bytes(
+                subprocess.run([flame, str(raw)], capture_output=True, timeout=60).stdout
+            )
     summary["raw"] = str(raw)
     return summary
 
@@ -1064,15 +1495,23 @@ def run_profile(bench: Bench, stack: Stack, extproc: Proc, args: argparse.Namesp
 def render_profile(profile: dict[str, Any]) -> str:
     if "skipped" in profile:
         return f"profile: skipped ({profile['skipped']})"
-    lines = [f"ext_proc profile under c=32 load ({profile['samples']} samples; py-spy --native; "
-             f"raw stacks in {profile['raw']})", "",
-             "| where the leaf frame is | share of samples |", "|---|---:|"]
-    for area, pct in profile["self_by_area_pct"].items():
-        lines.append(f"| {area} | {pct}% |")
-    lines.append(f"| (any frame of extproc/ on the stack: {profile['inclusive_extproc_pct']}%) | |")
-    lines += ["", "| top self (leaf) frames | % |", "|---|---:|"]
-    for frame, pct in profile["top_self"][:15]:
-        lines.append(f"| `{frame[:110]}` | {pct} |")
+    lines = [
+        f"ext_proc profile under c=32 load: {profile['samples_busy']} busy samples "
+        f"({profile['samples_idle']} idle ones dropped); py-spy --native; raw stacks in "
+        f"{profile['raw']}",
+        "",
+        "| busy samples whose stack holds | % |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in profile["by_stack_pct"].items()]
+    lines += ["", "| leaf frame (where the CPU is) by area | % |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in profile["by_leaf_area_pct"].items()]
+    lines += ["", "| on the stack (inclusive) | % |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in profile["inclusive_pct"].items()]
+    lines += ["", "| our functions, inclusive (on the stack) | % |", "|---|---:|"]
+    lines += [f"| `{k}` | {v} |" for k, v in profile["top_extproc_inclusive_pct"][:15]]
+    lines += ["", "| top leaf frames | % |", "|---|---:|"]
+    lines += [f"| `{k[:100]}` | {v} |" for k, v in profile["top_leaf_pct"][:15]]
     return "\n".join(lines)
 
 

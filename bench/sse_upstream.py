@@ -78,11 +78,21 @@ class StreamProtocol(asyncio.Protocol):
             return
         head = self.buffer[:end].decode("latin-1")
         length = 0
+        chunked = False
         for line in head.split("\r\n")[1:]:
             name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
+            name = name.strip().lower()
+            if name == "content-length":
                 length = int(value.strip() or 0)
-        total = end + 4 + length
+            elif name == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        if chunked:  # the request body is ignored: skip to the terminating chunk
+            stop = self.buffer.find(b"\r\n0\r\n\r\n", end)
+            if stop < 0:
+                return
+            total = stop + 7
+        else:
+            total = end + 4 + length
         if len(self.buffer) < total:
             return
         self.buffer = self.buffer[total:]
