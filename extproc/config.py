@@ -382,7 +382,8 @@ def load_config(path: str | Path) -> GatewayConfig:
 def parse_config(text: str) -> GatewayConfig:
     """Parse and validate YAML text; raise ``ConfigError`` listing every problem."""
     try:
-        raw = yaml.safe_load(text)
+        # libyaml's C loader when available: the pure-Python one is ~3x slower on large configs.
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"]) from exc
     if raw is None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -76,7 +76,12 @@ class Telemetry:
 
             all_readers.append(PrometheusMetricReader(registry=self.registry))
         resource = Resource.create({"service.name": "vmrouter"})
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=all_readers)
+        # No exemplars: they cost a filter check and a sample on every measurement.
+        self.meter_provider = MeterProvider(
+            resource=resource,
+            metric_readers=all_readers,
+            exemplar_filter=AlwaysOffExemplarFilter(),
+        )
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("vmrouter")
         meter = self.meter_provider.get_meter("vmrouter")
         self.token_usage = meter.create_histogram(

@@ -1,7 +1,9 @@
 """Runtime routing objects compiled from the config: providers, catalog models, targets.
 
 This module owns the immutable shapes the hot path reads. They are built once per config load by
-``routing.table`` and never mutated; per-request state lives in the servicer, not here.
+``routing.table`` and never mutated; per-request state lives in the servicer, not here. Providers,
+catalog models and targets compare by identity (``eq=False``): field-by-field equality would make
+every membership test on the hot path walk every field.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Literal
 Operation = Literal["chat", "completion", "embedding"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Provider:
     """An upstream account as Envoy and the upstream ext_proc see it."""
 
@@ -36,7 +38,7 @@ class Provider:
         return self.scheme == "https"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class CatalogModel:
     """A concrete model at a provider."""
 
@@ -59,7 +61,7 @@ class RetryPolicy:
     on_status: frozenset[int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Target:
     """One catalog model behind a virtual model, with its per-target settings."""
 

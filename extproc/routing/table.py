@@ -265,8 +265,9 @@ class RoutingTable:
         for pool_name, pool in (("metadata match", matched), ("unconditioned", unconditioned)):
             if not pool:
                 continue
-            eligible = [t for t in pool if self._usable(t, health, rng, explain)]
-            held.extend(t for t in pool if t not in eligible)
+            eligible: list[Target] = []
+            for target in pool:
+                (eligible if self._usable(target, health, rng, explain) else held).append(target)
             if explain is not None:
                 explain.pools.append((pool_name, [t.key for t in eligible]))
                 explain.scores.update(route.strategy.explain(eligible, health))

@@ -26,21 +26,17 @@ class WeightedStrategy:
         }
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
-        """Draw targets one by one in proportion to their weights."""
-        pool = [t for t in targets if t.weight > 0]
+        """Draw targets one by one in proportion to their weights.
+
+        Equivalent to repeated weighted draws without replacement, in O(n log n): each target gets
+        the key ``u ** (1 / weight)`` with ``u`` uniform, and the largest keys go first.
+        """
+        keyed = [
+            (rng.random() ** (1.0 / t.weight), i) for i, t in enumerate(targets) if t.weight > 0
+        ]
+        keyed.sort(reverse=True)
+        ordered = [targets[i] for _, i in keyed]
         rest = [t for t in targets if t.weight <= 0]
-        ordered: list[Target] = []
-        total = sum(t.weight for t in pool)
-        while pool:
-            point = rng.random() * total
-            index = 0
-            acc = pool[0].weight
-            while acc <= point and index < len(pool) - 1:
-                index += 1
-                acc += pool[index].weight
-            chosen = pool.pop(index)
-            total -= chosen.weight
-            ordered.append(chosen)
         rng.shuffle(rest)
         ordered.extend(rest)
         return ordered
