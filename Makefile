@@ -33,12 +33,12 @@ test-integration: $(STAMP) ## integration tests with a real Envoy only
 	$(PY) -m pytest tests/integration
 
 lint: $(STAMP) ## ruff lint and format check
-	$(PY) -m ruff check extproc tests
-	$(PY) -m ruff format --check extproc tests
+	$(PY) -m ruff check extproc tests bench scripts
+	$(PY) -m ruff format --check extproc tests bench scripts
 
 fmt: $(STAMP) ## format the code
-	$(PY) -m ruff format extproc tests
-	$(PY) -m ruff check --fix extproc tests
+	$(PY) -m ruff format extproc tests bench scripts
+	$(PY) -m ruff check --fix extproc tests bench scripts
 
 typecheck: $(STAMP) ## mypy --strict on extproc/
 	$(PY) -m mypy extproc

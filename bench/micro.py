@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import free_port, git_state, status_kb  # noqa: E402 - bench/ is the script dir
+
 from extproc.config import load_config, parse_config, validate_config  # noqa: E402
 from extproc.health import HealthTracker, Outcome  # noqa: E402
 from extproc.routing.attempts import AttemptPlan, build_slots  # noqa: E402
@@ -247,13 +249,6 @@ def timed(fn: Any, *args: Any, repeat: int = 1) -> tuple[Any, float]:
 # --- memory in fresh processes --------------------------------------------------------------------
 
 
-def status_kb(pid: int | str, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def rss_child(path: str) -> None:
     """Child mode: RSS after imports, after loading the file, after compiling; print JSON."""
     out = {"after_imports_mb": status_kb("self", "VmRSS") / 1024}
@@ -265,34 +260,6 @@ def rss_child(path: str) -> None:
     out["peak_mb"] = status_kb("self", "VmHWM") / 1024
     out["names"] = len(table.names())
     print(json.dumps(out))
-
-
-def git_state() -> str:
-    """The commit measured, and whether extproc/ had changes (``abc1234+dirty extproc/``)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            timeout=10,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "extproc"],
-            cwd=ROOT,
-            timeout=10,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty extproc/" if dirty else "")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def serve_rss(path: Path, timeout: float = 60.0) -> dict[str, float]:

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import free_port, git_state, status_kb
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -88,13 +89,6 @@ MOCK_COMPLETION = {
 # --- processes ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Proc:
     """A child process started by the bench, with its log file."""
@@ -115,10 +109,7 @@ class Proc:
 
     def status_kb(self, key: str) -> int:
         """A ``kB`` value of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        return 0
+        return status_kb(self.pid, key)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -1111,28 +1102,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.stream_requests = 30 if args.quick else 200
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
     return args
-
-
-def git_state() -> str:
-    """The commit measured, and whether the work tree had changes (``abc1234+dirty``)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            timeout=10,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "extproc"],
-            cwd=ROOT,
-            timeout=10,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty extproc/" if dirty else "")
 
 
 def machine_info(pinned: bool, pin_note: str) -> dict[str, Any]:
