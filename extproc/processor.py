@@ -52,7 +52,7 @@ from extproc.routing.attempts import AttemptPlan, Step, build_slots
 from extproc.routing.explain import Explanation
 from extproc.routing.model import Operation, Target
 from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable, VirtualModel
-from extproc.sse import StreamObserver
+from extproc.sse import StreamObserver, usage_of
 from extproc.state import MemoryStickyStore, RedisStickyStore, StickyStore
 from extproc.sync import HealthSync
 from extproc.telemetry import Telemetry
@@ -453,15 +453,7 @@ def _inspect_response(body: bytes, context: RequestContext) -> _Inspected:
         decoded = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         decoded = None
-    served = prompt = completion = None
-    if isinstance(decoded, dict):
-        model = decoded.get("model")
-        served = model if isinstance(model, str) and model else None
-        usage = decoded.get("usage")
-        if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            prompt = p if isinstance(p, int) else None
-            completion = c if isinstance(c, int) else None
+    prompt, completion, served = usage_of(decoded)
     replacement = None
     if status >= 400 and not (isinstance(decoded, dict) and isinstance(decoded.get("error"), dict)):
         target = last.target.key if last is not None else "upstream"

@@ -120,9 +120,15 @@ def usage_from_body(body: bytes) -> tuple[int | None, int | None, str | None]:
         decoded = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
         return None, None, None
+    return usage_of(decoded)
+
+
+def usage_of(decoded: Any) -> tuple[int | None, int | None, str | None]:
+    """(prompt tokens, completion tokens, model) from a decoded JSON response."""
     if not isinstance(decoded, dict):
         return None, None, None
     model = decoded.get("model") if isinstance(decoded.get("model"), str) else None
+    model = model or None
     usage = decoded.get("usage")
     if not isinstance(usage, dict):
         return None, None, model
