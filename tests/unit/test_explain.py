@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from random import Random
 
-import pytest
-
 from extproc.health import HealthTracker
 from extproc.routing.explain import Explanation
 from extproc.routing.table import RequestFacts, RoutingTable
 from tests.unit.support import (
     FakeClock,
-    health_tracker,
     observe_failures,
     observe_tpot,
-    table_from_yaml,
 )
 
 CONFIG = """
@@ -81,21 +77,6 @@ virtual_model_groups:
 """
 
 A, B, C, D, E = "p/a", "p/b", "p/c", "p/d", "p/e"
-
-
-@pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture()
-def table() -> RoutingTable:
-    return table_from_yaml(CONFIG)
-
-
-@pytest.fixture()
-def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return health_tracker(table, clock)
 
 
 def cool(health: HealthTracker, key: str) -> None:

@@ -22,11 +22,6 @@ SETTINGS = HealthSettings(
 )
 
 
-@pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def tracker(
     clock: FakeClock, settings: HealthSettings = SETTINGS, windows: tuple[float, ...] = ()
 ) -> HealthTracker:

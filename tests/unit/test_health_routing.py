@@ -78,18 +78,8 @@ def make_table(probe_ratio: float | None = None) -> RoutingTable:
 
 
 @pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture()
 def table() -> RoutingTable:
     return make_table(0.0)
-
-
-@pytest.fixture()
-def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return health_tracker(table, clock)
 
 
 def rate_limit(health: HealthTracker, key: str, seconds: float) -> None:

@@ -12,11 +12,9 @@ from extproc.routing.latency import LatencyStrategy
 from extproc.routing.table import RoutingTable
 from tests.unit.support import (
     FakeClock,
-    health_tracker,
     observe_tpot,
     plans,
     primaries,
-    table_from_yaml,
 )
 
 CONFIG = """
@@ -50,21 +48,6 @@ virtual_model_groups:
 A, B, C = "p/a", "p/b", "p/c"
 TUNED = "lat/tuned"
 DEFAULT = "lat/default"
-
-
-@pytest.fixture()
-def table() -> RoutingTable:
-    return table_from_yaml(CONFIG)
-
-
-@pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture()
-def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return health_tracker(table, clock)
 
 
 # --- configuration -----------------------------------------------------------------------------

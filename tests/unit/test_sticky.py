@@ -16,7 +16,7 @@ from extproc.routing.explain import Explanation
 from extproc.routing.table import RequestFacts, RoutingTable, StickyPolicy
 from extproc.state import MemoryStickyStore, RedisStickyStore
 from extproc.sync import HealthSync, decode, encode
-from tests.unit.support import FakeClock, health_tracker, table_from_yaml
+from tests.unit.support import FakeClock
 
 CONFIG = """
 providers:
@@ -72,21 +72,6 @@ virtual_model_groups:
 """
 
 A, B, C = "provider-a/model-a", "provider-b/model-b", "provider-c/model-c"
-
-
-@pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture()
-def table() -> RoutingTable:
-    return table_from_yaml(CONFIG)
-
-
-@pytest.fixture()
-def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return health_tracker(table, clock)
 
 
 def policy(table: RoutingTable, name: str) -> StickyPolicy:

@@ -17,7 +17,7 @@ from extproc.routing.lowest_usage import LowestUsageStrategy
 from extproc.routing.round_robin import RoundRobinStrategy
 from extproc.routing.table import RequestFacts, RoutingTable
 from extproc.routing.throughput import HighestThroughputStrategy
-from tests.unit.support import FakeClock, health_tracker, observe_failures, table_from_yaml
+from tests.unit.support import FakeClock, observe_failures, table_from_yaml
 
 CONFIG = """
 gateway:
@@ -111,22 +111,6 @@ virtual_model_groups:
 
 A, B, C, D = "p/a", "p/b", "p/c", "p/d"
 CHEAP, MID1, MID2, PRICEY = "shop/cheap", "shop/mid1", "shop/mid2", "shop/pricey"
-
-
-@pytest.fixture()
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture()
-def table() -> RoutingTable:
-    # function scope: round-robin counters live in the compiled strategies
-    return table_from_yaml(CONFIG)
-
-
-@pytest.fixture()
-def health(table: RoutingTable, clock: FakeClock) -> HealthTracker:
-    return health_tracker(table, clock)
 
 
 def plan(
