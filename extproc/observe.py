@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
@@ -67,17 +67,22 @@ class Recorder:
         self.clock = clock
 
     def decided(self, context: RequestContext) -> None:
-        """Count the routing decision and open the request's span."""
+        """Count the routing decision and open the request's span (when tracing)."""
+        telemetry = self.telemetry
         vm = context.virtual_model.name
-        primary = context.decision.primary.key
-        self.telemetry.decisions.add(1, {names.VIRTUAL_MODEL: vm, names.TARGET: primary})
-        span = self.telemetry.tracer.start_span("vmrouter.request")
-        if not span.is_recording():
-            return  # no tracer configured: skip the span work on the hot path
-        span.set_attribute(names.VIRTUAL_MODEL, vm)
-        span.set_attribute(names.OPERATION, names.OPERATION_NAMES[context.operation])
-        span.set_attribute("vmrouter.plan", ",".join(t.key for t in context.decision.plan))
-        context.span = span
+        telemetry.count_decision(vm, context.decision.primary.key)
+        if not telemetry.tracing:
+            return  # no tracer configured: no span work on the hot path
+        span = telemetry.tracer.start_span(
+            "vmrouter.request",
+            attributes={
+                names.VIRTUAL_MODEL: vm,
+                names.OPERATION: names.OPERATION_NAMES[context.operation],
+                "vmrouter.plan": ",".join(t.key for t in context.decision.plan),
+            },
+        )
+        if span.is_recording():
+            context.span = span
 
     def settled_failures(self, context: RequestContext) -> None:
         """Report every attempt whose failure is known and not yet reported."""
@@ -101,8 +106,9 @@ class Recorder:
         if span is not None:
             last = context.plan.last
             if last is not None:
-                span.set_attribute(names.TARGET, last.target.key)
-                span.set_attribute("vmrouter.attempts", context.plan.summary())
+                span.set_attributes(
+                    {names.TARGET: last.target.key, "vmrouter.attempts": context.plan.summary()}
+                )
                 if last.status is not None and last.status >= 400:
                     span.set_status(trace.StatusCode.ERROR)
             span.end()
@@ -175,43 +181,28 @@ class Recorder:
         error: bool = False,
         model: str | None = None,
     ) -> None:
-        t = self.telemetry
         target = record.target
         kind = attempt_kind(context.plan.records, index)
         label = record.label or (str(record.status) if record.status is not None else "none")
-        t.attempts.add(
-            1,
-            {
-                names.VIRTUAL_MODEL: context.virtual_model.name,
-                names.TARGET: target.key,
-                names.OUTCOME: label,
-                names.ATTEMPT_KIND: kind,
-            },
+        self.telemetry.record_attempt(
+            context.virtual_model.name,
+            target,
+            context.operation,
+            label,
+            kind,
+            duration,
+            error=error,
+            response_model=model,
+            ttft=ttft,
+            tpot=tpot,
+            input_tokens=prompt,
+            output_tokens=completion,
         )
-        attrs: dict[str, Any] = {
-            names.OPERATION: names.OPERATION_NAMES[context.operation],
-            names.PROVIDER: target.model.provider.name,
-            names.REQUEST_MODEL: target.model.upstream_model,
-            names.VIRTUAL_MODEL: context.virtual_model.name,
-        }
-        if error:
-            attrs[names.ERROR_TYPE] = label
-        elif model:
-            attrs[names.RESPONSE_MODEL] = model
-        t.duration.record(duration, attrs)
-        if ttft is not None:
-            t.ttft.record(ttft, attrs)
-        if tpot is not None:
-            t.tpot.record(tpot, attrs)
-        if prompt is not None:
-            t.token_usage.record(prompt, {**attrs, names.TOKEN_TYPE: "input"})
-        if completion is not None:
-            t.token_usage.record(completion, {**attrs, names.TOKEN_TYPE: "output"})
         parent = context.span
         if parent is not None:
             ctx = trace.set_span_in_context(parent)
             start_ns = time.time_ns() - int(duration * 1e9)
-            span = t.tracer.start_span(
+            span = self.telemetry.tracer.start_span(
                 "vmrouter.attempt",
                 context=ctx,
                 start_time=start_ns,

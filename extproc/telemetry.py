@@ -1,10 +1,23 @@
-"""Metrics and traces: OpenTelemetry instruments, the Prometheus endpoint, optional OTLP.
+"""Metrics and traces: the gateway's instruments, the Prometheus endpoint, optional OTLP.
 
 This module owns every instrument name and attribute key the gateway emits (documented in
-``docs/telemetry.md``) and the exporters: a Prometheus text endpoint served by the ext_proc
-process (``/metrics``), and OTLP/HTTP for metrics and traces when ``OTEL_EXPORTER_OTLP_ENDPOINT``
-is set and the ``otlp`` extra is installed. It never decides anything; ``processor`` calls it.
-Nothing here touches the global OpenTelemetry providers, so several runtimes can coexist.
+``docs/telemetry.md``), the per-request recording entry points ``observe.Recorder`` calls
+(``count_decision``, ``record_attempt``) and the exporters: a Prometheus text endpoint served by
+the ext_proc process (``/metrics``), and OTLP/HTTP for metrics and traces when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the ``otlp`` extra is installed. It never decides
+anything. Nothing here touches the global OpenTelemetry providers, so several runtimes can coexist.
+
+Recording is pre-aggregated (``extproc.tally``): the per-request instruments (attempts, routing
+decisions, the four GenAI histograms) are plain counters and bucket arrays in this process,
+reached through cells cached per (virtual model, target, operation, outcome, kind, response model),
+so a request costs a few dictionary lookups and additions instead of one OpenTelemetry
+measurement per instrument and reader. The OpenTelemetry SDK still owns everything downstream:
+the counters are ``ObservableCounter`` s read at collection, and the histograms are added, as
+OTel ``HistogramDataPoint`` s, to what each reader collects (``tally.TalliedReader``), so the
+Prometheus and OTLP exporters render them with their own code, with the same names, units,
+attributes, buckets and values as synchronous instruments would give. Readers must therefore be
+``TalliedReader`` s (``PeriodicReader`` wraps an exporter such as OTLP's). With no reader at all
+nothing is recorded; with no tracer provider no span is started.
 """
 
 from __future__ import annotations
@@ -12,14 +25,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry, generate_latest
+
+from extproc.routing.model import Target
+from extproc.tally import CounterCell, Series, TalliedReader, Tally
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +81,39 @@ _TPOT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.
 _TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304]
 
 
+_CACHE_LIMIT = 4096
+"""Cached cell bundles before the caches start over (bounds what config reloads leave behind)."""
+_SCOPE = InstrumentationScope("vmrouter")
+"""The meter's scope: ``MeterProvider.get_meter("vmrouter")``."""
+
+
+class PrometheusReader(TalliedReader, PrometheusMetricReader):
+    """The Prometheus reader, with the tally's histograms in every collection."""
+
+
+class PeriodicReader(TalliedReader, PeriodicExportingMetricReader):
+    """A periodic exporting reader (OTLP), with the tally's histograms in every collection."""
+
+
+class InMemoryReader(TalliedReader, InMemoryMetricReader):
+    """An in-memory reader (tests, benchmarks), with the tally's histograms in every collection."""
+
+
+class _AttemptCells:
+    """Where one kind of attempt is counted and measured (histogram series made on first use)."""
+
+    __slots__ = ("attempts", "common", "duration", "input", "output", "tpot", "ttft")
+
+    def __init__(self, attempts: CounterCell, common: dict[str, str], duration: Series) -> None:
+        self.attempts = attempts
+        self.common = common
+        self.duration = duration
+        self.ttft: Series | None = None
+        self.tpot: Series | None = None
+        self.input: Series | None = None
+        self.output: Series | None = None
+
+
 class Telemetry:
     """The gateway's instruments, bound to one MeterProvider (and optionally a TracerProvider)."""
 
@@ -68,13 +124,22 @@ class Telemetry:
         tracer_provider: trace.TracerProvider | None = None,
         prometheus: bool = True,
     ) -> None:
-        """Create the instruments; ``prometheus`` adds a reader for ``render_prometheus``."""
+        """Create the instruments; ``prometheus`` adds a reader for ``render_prometheus``.
+
+        ``readers`` must be ``TalliedReader`` s (``PeriodicReader``, ``InMemoryReader``): other
+        readers would never see the histograms.
+        """
         self.registry = CollectorRegistry(auto_describe=True)
         all_readers = list(readers)
+        for reader in all_readers:
+            if not isinstance(reader, TalliedReader):
+                raise TypeError(f"{type(reader).__name__} is not a TalliedReader")
         if prometheus:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-            all_readers.append(PrometheusMetricReader(registry=self.registry))
+            all_readers.append(PrometheusReader(registry=self.registry))
+        self.recording = bool(all_readers)
+        """Whether any reader exists: without one, recording is skipped."""
+        self.tracing = tracer_provider is not None
+        """Whether spans are wanted: without a tracer provider, none is started."""
         resource = Resource.create({"service.name": "vmrouter"})
         # No exemplars: they cost a filter check and a sample on every measurement.
         self.meter_provider = MeterProvider(
@@ -83,29 +148,30 @@ class Telemetry:
             exemplar_filter=AlwaysOffExemplarFilter(),
         )
         self.tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer("vmrouter")
-        meter = self.meter_provider.get_meter("vmrouter")
-        self.token_usage = meter.create_histogram(
-            TOKEN_USAGE, unit="{token}", description="Tokens used per request, by token type",
-            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
-        )  # fmt: skip
-        self.duration = meter.create_histogram(
-            REQUEST_DURATION, unit="s", description="Duration of each attempt at a provider",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-        )  # fmt: skip
-        self.ttft = meter.create_histogram(
-            TIME_TO_FIRST_TOKEN, unit="s", description="Time to the first output token (streams)",
-            explicit_bucket_boundaries_advisory=_TTFT_BUCKETS,
-        )  # fmt: skip
-        self.tpot = meter.create_histogram(
-            TIME_PER_OUTPUT_TOKEN, unit="s", description="Time per output token after the first",
-            explicit_bucket_boundaries_advisory=_TPOT_BUCKETS,
-        )  # fmt: skip
-        self.attempts = meter.create_counter(
-            ATTEMPTS, unit="{attempt}", description="Attempts per target, outcome and kind"
+        meter = self.meter_provider.get_meter(_SCOPE.name)
+        tally = self.tally = Tally(_SCOPE)
+        self.token_usage = tally.histogram(
+            TOKEN_USAGE, "{token}", "Tokens used per request, by token type", _TOKEN_BUCKETS
         )
-        self.decisions = meter.create_counter(
-            DECISIONS, unit="{request}", description="Primary target chosen per virtual model"
+        self.duration = tally.histogram(
+            REQUEST_DURATION, "s", "Duration of each attempt at a provider", _DURATION_BUCKETS
         )
+        self.ttft = tally.histogram(
+            TIME_TO_FIRST_TOKEN, "s", "Time to the first output token (streams)", _TTFT_BUCKETS
+        )
+        self.tpot = tally.histogram(
+            TIME_PER_OUTPUT_TOKEN, "s", "Time per output token after the first", _TPOT_BUCKETS
+        )
+        self.attempts = tally.counter()
+        meter.create_observable_counter(
+            ATTEMPTS, callbacks=[self.attempts.observe], unit="{attempt}",
+            description="Attempts per target, outcome and kind",
+        )  # fmt: skip
+        self.decisions = tally.counter()
+        meter.create_observable_counter(
+            DECISIONS, callbacks=[self.decisions.observe], unit="{request}",
+            description="Primary target chosen per virtual model",
+        )  # fmt: skip
         self.reloads = meter.create_counter(
             CONFIG_RELOADS, unit="{reload}", description="Config reloads by result"
         )
@@ -118,6 +184,101 @@ class Telemetry:
             TARGET_FAILURES, callbacks=[self._observe_failures], unit="{failure}",
             description="Consecutive failed attempts per target",
         )  # fmt: skip
+        for reader in all_readers:
+            assert isinstance(reader, TalliedReader)
+            reader.bind(tally)
+        self._decision_cells: dict[tuple[str, str], CounterCell] = {}
+        self._attempt_cells: dict[tuple[Any, ...], _AttemptCells] = {}
+
+    # --- recording (the per-request hot path) ---------------------------------------------------
+
+    def count_decision(self, virtual_model: str, target: str) -> None:
+        """Count one routing decision: ``virtual_model`` chose ``target`` as its primary."""
+        if not self.recording:
+            return
+        cell = self._decision_cells.get((virtual_model, target))
+        if cell is None:
+            cell = self.decisions.cell({VIRTUAL_MODEL: virtual_model, TARGET: target})
+            _remember(self._decision_cells, (virtual_model, target), cell)
+        with self.tally.lock:
+            cell.value += 1
+
+    def record_attempt(
+        self,
+        virtual_model: str,
+        target: Target,
+        operation: str,
+        outcome: str,
+        kind: str,
+        duration: float,
+        *,
+        error: bool = False,
+        response_model: str | None = None,
+        ttft: float | None = None,
+        tpot: float | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Count one attempt and record its duration, times and token usage.
+
+        ``operation`` is the router's (``chat``, ``completion``, ``embedding``); ``outcome`` the
+        status or ``connect-error``/``timeout``; ``kind`` ``primary``/``retry``/``fallback``. A
+        failed attempt (``error``) carries its outcome as ``error.type``, a successful one its
+        ``response_model`` (when known) as ``gen_ai.response.model``.
+        """
+        if not self.recording:
+            return
+        model = None if error else response_model or None
+        key = (virtual_model, target, operation, outcome, kind, error, model)
+        cells = self._attempt_cells.get(key)
+        if cells is None:
+            cells = self._attempt_cells_for(key)
+        with self.tally.lock:
+            cells.attempts.value += 1
+            cells.duration.add(duration)
+            if ttft is not None:
+                (cells.ttft or self._series(cells, "ttft")).add(ttft)
+            if tpot is not None:
+                (cells.tpot or self._series(cells, "tpot")).add(tpot)
+            if input_tokens is not None:
+                (cells.input or self._series(cells, "input")).add(input_tokens)
+            if output_tokens is not None:
+                (cells.output or self._series(cells, "output")).add(output_tokens)
+
+    def _attempt_cells_for(self, key: tuple[Any, ...]) -> _AttemptCells:
+        virtual_model, target, operation, outcome, kind, error, model = key
+        attempts = self.attempts.cell(
+            {VIRTUAL_MODEL: virtual_model, TARGET: target.key, OUTCOME: outcome, ATTEMPT_KIND: kind}
+        )
+        common = {
+            OPERATION: OPERATION_NAMES[operation],
+            PROVIDER: target.model.provider.name,
+            REQUEST_MODEL: target.model.upstream_model,
+            VIRTUAL_MODEL: virtual_model,
+        }
+        if error:
+            common[ERROR_TYPE] = outcome
+        elif model:
+            common[RESPONSE_MODEL] = model
+        cells = _AttemptCells(attempts, common, self.duration.series(common))
+        _remember(self._attempt_cells, key, cells)
+        return cells
+
+    def _series(self, cells: _AttemptCells, which: str) -> Series:
+        """Make ``cells``' ``ttft``/``tpot``/``input``/``output`` series at its first measurement.
+
+        Lazily, as the SDK would: an attribute set exists once something was recorded with it.
+        """
+        if which == "ttft":
+            series = self.ttft.series(cells.common)
+        elif which == "tpot":
+            series = self.tpot.series(cells.common)
+        else:
+            series = self.token_usage.series({**cells.common, TOKEN_TYPE: which})
+        setattr(cells, which, series)
+        return series
+
+    # --- collection -----------------------------------------------------------------------------
 
     def watch_health(self, source: Callable[[], dict[str, tuple[bool, int, float]]]) -> None:
         """Report target health from ``source`` (``HealthTracker.snapshot``) on every collection."""
@@ -148,6 +309,12 @@ class Telemetry:
         self.meter_provider.shutdown()
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
 def otlp_telemetry() -> Telemetry:
     """Telemetry with OTLP/HTTP export added when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set."""
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -158,10 +325,9 @@ def otlp_telemetry() -> Telemetry:
     except ImportError:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but the 'otlp' extra is not installed")
         return Telemetry()
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     provider = TracerProvider(resource=Resource.create({"service.name": "vmrouter"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+    reader = PeriodicReader(OTLPMetricExporter())
     return Telemetry(readers=[reader], tracer_provider=provider)
