@@ -86,6 +86,7 @@ CONNECTION_WINDOW = 256 * 1024 * 1024
 MAX_FRAME = 1024 * 1024
 """Largest frame we accept; Envoy then sends a buffered body in few frames."""
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+_HEADER_CACHE_SIZE = 64
 
 _FRAME_HEADER = struct.Struct(">BHBBI")
 _MESSAGE_PREFIX = struct.Struct(">BI")
@@ -232,6 +233,8 @@ class _Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.preface = False
         self.decoder = hpack.Decoder()
+        self.header_cache: dict[bytes, dict[str, str]] = {}
+        """Decoded header blocks that left the HPACK table unchanged (see ``_decode``)."""
         self.streams: dict[int, _Stream] = {}
         self.last_stream = 0
         self.send_window = DEFAULT_WINDOW
@@ -529,11 +532,39 @@ class _Connection(asyncio.Protocol):
             self.continuation = None
             self._header_block(first_flags, stream_id, bytes(block))
 
-    def _header_block(self, flags: int, stream_id: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> dict[str, str]:
+        """Decode a header block, reusing the result for a repeat that cannot change the table.
+
+        Envoy opens every ext_proc stream with the same block (its ``:path`` is a Huffman-coded
+        literal that is never indexed): once its other fields sit in the dynamic table, each new
+        stream's block is byte for byte the last one and leaves the table as it was. Such a block
+        means the same thing for as long as the table does not change, so its decoding is kept
+        until a block that inserts an entry (or resizes the table) clears the cache. The returned
+        mapping is shared: callers only read it.
+        """
+        cached = self.header_cache.get(block)
+        if cached is not None:
+            return cached
+        table = self.decoder.header_table
+        entries = table.dynamic_entries
+        # Holding the newest entry keeps it alive, so a new entry can never reuse its identity.
+        before = (len(entries), entries[0] if entries else None, table.maxsize)
         try:
             fields = self.decoder.decode(block)
         except hpack.HPACKError as error:
             raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {error}") from error
+        metadata = {str(name): str(value) for name, value in fields}
+        first = entries[0] if entries else None
+        if before[0] == len(entries) and before[1] is first and before[2] == table.maxsize:
+            if len(self.header_cache) >= _HEADER_CACHE_SIZE:
+                self.header_cache.clear()
+            self.header_cache[block] = metadata
+        else:
+            self.header_cache.clear()
+        return metadata
+
+    def _header_block(self, flags: int, stream_id: int, block: bytes) -> None:
+        metadata = self._decode(block)
         ended = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is not None:
@@ -550,7 +581,6 @@ class _Connection(asyncio.Protocol):
         self.last_stream = stream_id
         stream = _Stream(stream_id, self.peer_initial_window)
         stream.remote_closed = ended
-        metadata = {str(name): str(value) for name, value in fields}
         if self.goaway or self.server.closing:
             self._write(frame(RST_STREAM, 0, stream_id, _WINDOW_UPDATE.pack(REFUSED_STREAM)))
             return
