@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="HOST:PORT",
         help="HTTP listener for /metrics, /healthz and /explain ('' turns it off)",
     )
+    serve.add_argument(
+        "--transport",
+        choices=("h2", "grpcio"),
+        default="h2",
+        help="gRPC server: h2 (our HTTP/2 server, the fast default) or grpcio (grpc.aio)",
+    )
     _drain_flag(serve)
 
     explain = sub.add_parser("explain", help="print the decision a request would get now, and why")
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         reload_interval=args.reload_interval,
                         drain_seconds=args.drain_seconds,
                         metrics_listen=args.metrics_listen or None,
+                        transport=args.transport,
                     )
                 )
             )

@@ -337,7 +337,13 @@ class RouterStream:
                 k: v for k, v in headers.items() if not k.startswith(INTERNAL_HEADER_PREFIX)
             },
             stream=body.get("stream") is True,
-            plan=AttemptPlan(slots=slots),
+            plan=AttemptPlan(
+                slots=slots,
+                timeout_s=min(
+                    decision.virtual_model.attempt_timeout_ms, runtime.table.first_byte_timeout_ms
+                )
+                / 1000.0,
+            ),
             operation=self.operation,
             managed_headers=frozenset(managed),
             inject_usage=wants_usage_injection(body, self.operation),
@@ -383,7 +389,7 @@ class RouterStream:
         last = plan.last
         if last is not None and last.status is None:
             # The final attempt got no response through the upstream filter: Envoy answered.
-            last.label = "timeout" if last.sent else "connect-error"
+            last.label = plan.unanswered_label(last, self.runtime.clock())
             last.status = status
         elif last is not None and not plan.done and status >= 500:
             # The plan wanted another attempt that never reached us: its connection failed.

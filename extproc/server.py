@@ -1,9 +1,10 @@
 """The ext_proc gRPC server: listening, health reporting, config reload and graceful shutdown.
 
-This module owns the process around the servicer: a ``grpc.aio`` server on TCP or a Unix socket,
-the standard gRPC health service (SERVING once the first config is loaded), message size limits
-large enough for buffered LLM bodies, the config watch (``reload``) and Envoy's cluster file
-(``cds``) wired to it, and the drain on SIGTERM:
+This module owns the process around the servicer: the gRPC server on TCP or a Unix socket (our
+own HTTP/2 server, ``h2grpc``, by default; ``grpc.aio`` with ``--transport grpcio``), the standard
+gRPC health service (SERVING once the first config is loaded; the ``h2`` transport serves its
+``Check`` method), message size limits large enough for buffered LLM bodies, the config watch
+(``reload``) and Envoy's cluster file (``cds``) wired to it, and the drain on SIGTERM:
 
 1. the health service reports NOT_SERVING at once (readiness probes take the pod out);
 2. new client requests are refused: a new router-level stream is answered with an OpenAI-style 503
@@ -21,20 +22,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import envoy
-from extproc._gen import ext_proc_pb2, ext_proc_pb2_grpc
+from extproc._gen import ext_proc_pb2_grpc
 from extproc.cds import ClusterPublisher
-from extproc.envoy_config import FILTER_ROLE_HEADER, ROLE_UPSTREAM, EnvoySettings
-from extproc.errors import error_body
+from extproc.envoy_config import EnvoySettings
+from extproc.h2grpc import INTERNAL, NOT_FOUND, Call, CallHandler, GrpcServer
 from extproc.metrics_http import start_metrics_server
 from extproc.processor import Runtime
 from extproc.reload import ConfigReloader, ReloadResult, load_config_file
@@ -46,83 +46,110 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """gRPC message limit; above Envoy's buffered body limit so large prompts pass."""
 PROCESS_METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 DEFAULT_DRAIN_SECONDS = 20.0
 """Default bound for in-flight streams to finish after SIGTERM (below Kubernetes' 30 s grace)."""
 _IDLE_POLL_SECONDS = 0.05
-DRAINING_RETRY_AFTER_SECONDS = 1
 
 
-def _draining_response() -> envoy.ProcessingResponse:
-    return envoy.immediate_response(
-        503,
-        error_body(
-            "The gateway is shutting down; retry the request.", "service_unavailable", "draining"
-        ),
-        headers=[("retry-after", str(DRAINING_RETRY_AFTER_SECONDS))],
-        details="vmrouter_draining",
-    )
+class _Transport(Protocol):
+    """What the drain needs from a transport."""
+
+    async def not_serving(self) -> None:
+        """Report NOT_SERVING on the health service."""
+
+    async def stop(self) -> None:
+        """Stop listening and cut whatever is still open."""
 
 
-async def _refuse_while_draining(
-    request_iterator: AsyncIterator[envoy.ProcessingRequest], context: Any
-) -> AsyncIterator[envoy.ProcessingResponse]:
-    """A router stream opened during the drain: answer 503, then pass our own reply through."""
-    answered = False
-    async for request in request_iterator:
-        if not answered:
-            answered = True
-            yield _draining_response()
-        else:
-            # Envoy sends the local reply through this filter's response path: let it pass.
-            yield envoy.continue_response(request.WhichOneof("request") or "response_headers")
+class _H2Transport:
+    """Our own HTTP/2 gRPC server (``h2grpc``): ext_proc and grpc.health.v1 Check."""
+
+    def __init__(self, server: GrpcServer, health: HealthStatus) -> None:
+        self.server = server
+        self.health = health
+
+    async def not_serving(self) -> None:
+        self.health.set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self) -> None:
+        await self.server.stop()
 
 
-_REFUSE_HANDLER = grpc.stream_stream_rpc_method_handler(
-    _refuse_while_draining,
-    request_deserializer=ext_proc_pb2.ProcessingRequest.FromString,
-    response_serializer=ext_proc_pb2.ProcessingResponse.SerializeToString,
-)
+class _AioTransport:
+    """grpcio's asyncio server with the standard health servicer."""
+
+    def __init__(self, server: grpc.aio.Server, health: health.aio.HealthServicer) -> None:
+        self.server = server
+        self.health = health
+
+    async def not_serving(self) -> None:
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
 
 
-class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Lets every stream through until the drain starts; then only upstream-level ones."""
+class HealthStatus:
+    """The grpc.health.v1 statuses served by the ``h2grpc`` transport (Check only)."""
 
     def __init__(self) -> None:
-        """Start open."""
-        self.draining = False
-        self.refused = 0
-        """Router streams refused while draining."""
+        """Both names SERVING (the server starts once the first config is loaded)."""
+        self.statuses = {
+            "": health_pb2.HealthCheckResponse.SERVING,
+            EXTPROC_SERVICE: health_pb2.HealthCheckResponse.SERVING,
+        }
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[Any], Awaitable[Any]],
-        handler_call_details: Any,
-    ) -> Any:
-        """Route a new call: the real handler, or the 503 answer for a new request."""
-        if self.draining and handler_call_details.method == PROCESS_METHOD:
-            metadata = dict(handler_call_details.invocation_metadata or ())
-            if metadata.get(FILTER_ROLE_HEADER) != ROLE_UPSTREAM:
-                self.refused += 1
-                return _REFUSE_HANDLER
-        return await continuation(handler_call_details)
+    def set_all(self, status: int) -> None:
+        """Report ``status`` for every service name."""
+        for name in self.statuses:
+            self.statuses[name] = status
+
+    def open_call(self, call: Call) -> CallHandler:
+        """Answer one Check call."""
+        return _HealthCheck(call, self.statuses)
+
+
+class _HealthCheck:
+    """A unary Check: one request message, one answer, then the status."""
+
+    def __init__(self, call: Call, statuses: Mapping[str, int]) -> None:
+        self.call = call
+        self.statuses = statuses
+
+    def on_message(self, data: bytes) -> None:
+        service = health_pb2.HealthCheckRequest.FromString(data).service
+        status = self.statuses.get(service)
+        if status is None:
+            self.call.finish(NOT_FOUND, f"unknown service {service!r}")
+            return
+        reply = health_pb2.HealthCheckResponse(status=status)
+        self.call.send_message(reply.SerializeToString())
+        self.call.finish()
+
+    def on_end(self) -> None:
+        self.call.finish(INTERNAL, "no request message")
+
+    def on_cancel(self) -> None:
+        pass
 
 
 @dataclass(slots=True)
 class RunningServer:
     """A started server and the pieces needed to drain and stop it."""
 
-    server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    transport: _Transport
     servicer: ExtProcServicer
     port: int
     """The bound TCP port (0 for a Unix socket)."""
-    gate: DrainGate = field(default_factory=DrainGate)
+    kind: str = "h2"
+    """Which transport serves: ``h2`` (our HTTP/2 server) or ``grpcio`` (grpc.aio)."""
 
     @property
     def draining(self) -> bool:
         """Whether the drain has started."""
-        return self.gate.draining
+        return self.servicer.drain.draining
 
     @property
     def active_streams(self) -> int:
@@ -131,10 +158,10 @@ class RunningServer:
 
     async def begin_drain(self) -> None:
         """Report NOT_SERVING and refuse new requests; streams in flight go on."""
-        if self.gate.draining:
+        if self.servicer.drain.draining:
             return
-        self.gate.draining = True
-        await self.health.enter_graceful_shutdown()
+        self.servicer.drain.draining = True
+        await self.transport.not_serving()
         log.info(
             "draining: health NOT_SERVING, new requests refused, %d streams in flight",
             self.active_streams,
@@ -164,8 +191,9 @@ class RunningServer:
         cut = self.active_streams
         if not idle:
             log.warning("drain bound reached: cancelling %d streams still open", cut)
-        await self.server.stop(0)
-        log.info("ext_proc stopped (%d requests refused while draining)", self.gate.refused)
+        await self.transport.stop()
+        refused = self.servicer.drain.refused
+        log.info("ext_proc stopped (%d requests refused while draining)", refused)
         return cut
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -180,29 +208,42 @@ def bind_target(address: str) -> str:
     return address
 
 
-async def start_server(runtime: Runtime, address: str) -> RunningServer:
-    """Start serving ext_proc and gRPC health on ``address``."""
-    gate = DrainGate()
-    server = grpc.aio.server(
-        interceptors=[gate],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+TRANSPORTS = ("h2", "grpcio")
+"""``h2``: our HTTP/2 gRPC server (``h2grpc``), the default; ``grpcio``: grpc.aio."""
+
+
+async def start_server(runtime: Runtime, address: str, transport: str = "h2") -> RunningServer:
+    """Start serving ext_proc and gRPC health on ``address`` with ``transport``."""
     servicer = ExtProcServicer(runtime)
-    ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(bind_target(address))
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(EXTPROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ext_proc listening on %s", address if port == 0 else f"{address} (port {port})")
-    return RunningServer(
-        server=server, health=health_servicer, servicer=servicer, port=port, gate=gate
-    )
+    if transport == "h2":
+        status = HealthStatus()
+        h2 = GrpcServer(
+            {PROCESS_METHOD: servicer.open_call, HEALTH_CHECK_METHOD: status.open_call},
+            max_message=MAX_MESSAGE_BYTES,
+        )
+        port = await h2.start(address)
+        running = RunningServer(_H2Transport(h2, status), servicer, port, kind="h2")
+    elif transport == "grpcio":
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        ext_proc_pb2_grpc.add_ExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = server.add_insecure_port(bind_target(address))
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(EXTPROC_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        running = RunningServer(_AioTransport(server, health_servicer), servicer, port, "grpcio")
+    else:
+        raise ValueError(f"unknown transport {transport!r}: expected one of {TRANSPORTS}")
+    where = address if port == 0 else f"{address} (port {port})"
+    log.info("ext_proc listening on %s (%s transport)", where, transport)
+    return running
 
 
 class ShutdownSignals:
@@ -250,6 +291,8 @@ class ServeOptions:
     environ: Mapping[str, str] | None = None
     metrics_listen: str | None = "127.0.0.1:9464"
     """``host:port`` of the HTTP listener for /metrics, /healthz and /explain (None: off)."""
+    transport: str = "h2"
+    """The gRPC server: ``h2`` (ours, the default) or ``grpcio`` (grpc.aio)."""
 
 
 async def start_observability(runtime: Runtime, listen: str | None) -> web.AppRunner | None:
@@ -304,7 +347,7 @@ async def serve(options: ServeOptions) -> int:
         environ=options.environ,
         on_reload=count_reloads(runtime),
     )
-    server = await start_server(runtime, options.listen)
+    server = await start_server(runtime, options.listen, options.transport)
     signals = ShutdownSignals(on_hangup=reloader.trigger)
     watch = reloader.start()
     try:

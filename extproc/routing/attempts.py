@@ -19,6 +19,8 @@ from extproc.routing.model import Target
 
 FAILED_STATUS = 503
 """Status a connection failure, reset or per-attempt timeout counts as."""
+TIMEOUT_SHARE = 0.9
+"""An unanswered attempt is a ``timeout`` once this share of its timeout had passed."""
 
 
 class Step(enum.Enum):
@@ -74,6 +76,8 @@ class AttemptPlan:
     records: list[AttemptRecord] = field(default_factory=list)
     seen: int = -1
     """Highest attempt number Envoy has started that we know of."""
+    timeout_s: float | None = None
+    """The per-attempt timeout Envoy enforces (None: unknown, any released attempt timed out)."""
 
     def __post_init__(self) -> None:
         """Start with the optimistic schedule: every slot in order."""
@@ -93,7 +97,7 @@ class AttemptPlan:
         """
         last = self.last
         if last is not None and last.status is None and last.attempt < attempt:
-            last.label = "timeout" if last.sent else "connect-error"
+            last.label = self.unanswered_label(last, now)
             self._settle(last, FAILED_STATUS)
         for missing in range(self.seen + 1, attempt):
             if self.done or missing >= len(self.schedule):
@@ -109,6 +113,20 @@ class AttemptPlan:
         delay = target.retry.delay_ms / 1000.0 if previous and previous.target is target else 0.0
         self.records.append(AttemptRecord(attempt=attempt, slot=slot, target=target, started=now))
         return Step.SEND, delay
+
+    def unanswered_label(self, record: AttemptRecord, now: float) -> str:
+        """``timeout`` or ``connect-error`` for an attempt that ended with no response.
+
+        Envoy runs the upstream filter while it connects, so even an attempt whose connection was
+        refused may have been released by us first: only the time it lasted tells them apart.
+        """
+        if not record.sent:
+            return "connect-error"
+        if self.timeout_s is None or record.sent_at is None:
+            return "timeout"
+        return (
+            "timeout" if now - record.sent_at >= TIMEOUT_SHARE * self.timeout_s else "connect-error"
+        )
 
     def failed_without_response(self, attempt: int, now: float, status: int) -> None:
         """Record that ``attempt`` failed before any response reached us (connection failure)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc._gen import ext_proc_pb2 as pb
@@ -75,14 +76,20 @@ class Client:
         return int(reply.status)
 
 
-async def started() -> RunningServer:
+TRANSPORTS = pytest.mark.parametrize("transport", ["h2", "grpcio"])
+
+
+async def started(transport: str) -> RunningServer:
     runtime = Runtime(table_from_yaml(CONFIG))
-    return await start_server(runtime, "127.0.0.1:0")
+    server = await start_server(runtime, "127.0.0.1:0", transport)
+    assert server.kind == transport
+    return server
 
 
-def test_drain_refuses_new_requests_and_lets_in_flight_ones_finish() -> None:
+@TRANSPORTS
+def test_drain_refuses_new_requests_and_lets_in_flight_ones_finish(transport: str) -> None:
     async def scenario() -> None:
-        server = await started()
+        server = await started(transport)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             client = Client(channel)
             assert await client.status() == SERVING
@@ -139,14 +146,15 @@ def test_drain_refuses_new_requests_and_lets_in_flight_ones_finish() -> None:
             assert (await in_flight.read()).WhichOneof("response") == "response_headers"
             await in_flight.done_writing()
             assert await asyncio.wait_for(drain, 5) == 0
-            assert server.gate.refused == 1
+            assert server.servicer.drain.refused == 1
 
     asyncio.run(scenario())
 
 
-def test_drain_is_bounded_and_cuts_streams_left_open() -> None:
+@TRANSPORTS
+def test_drain_is_bounded_and_cuts_streams_left_open(transport: str) -> None:
     async def scenario() -> tuple[int, float, grpc.StatusCode]:
-        server = await started()
+        server = await started(transport)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stuck = Client(channel).stream("router")
             await stuck.write(request_headers())
@@ -167,9 +175,10 @@ def test_drain_is_bounded_and_cuts_streams_left_open() -> None:
     assert code != grpc.StatusCode.OK
 
 
-def test_drain_second_signal_hurries() -> None:
+@TRANSPORTS
+def test_drain_second_signal_hurries(transport: str) -> None:
     async def scenario() -> tuple[int, float]:
-        server = await started()
+        server = await started(transport)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stuck = Client(channel).stream("router")
             await stuck.write(request_headers())

@@ -602,8 +602,24 @@ def test_router_stream_final_attempt_without_upstream_response_is_timeout(
 ) -> None:
     router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
     start_attempt(runtime, request_id_of(reply), 1)
+    clock = runtime.clock
+    assert isinstance(clock, FakeClock)
+    clock.now += 600.0  # past the attempt timeout
     headers = set_headers(router_status(router, 504))
     assert headers["x-gateway-attempts"] == "openai/gpt-4o:timeout"
+
+
+def test_router_stream_released_attempt_that_fails_fast_is_connect_error(
+    runtime: Runtime,
+) -> None:
+    # Envoy runs the upstream filter while it connects: a refused connection can follow our reply.
+    router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
+    start_attempt(runtime, request_id_of(reply), 1)
+    clock = runtime.clock
+    assert isinstance(clock, FakeClock)
+    clock.now += 0.005
+    headers = set_headers(router_status(router, 503))
+    assert headers["x-gateway-attempts"] == "openai/gpt-4o:connect-error"
 
 
 def test_router_stream_retry_that_never_reached_us_is_connect_error(runtime: Runtime) -> None:
