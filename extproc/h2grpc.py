@@ -252,7 +252,7 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.Transport", transport)  # uvloop's is not a subclass
+        self.transport = writer = cast("asyncio.Transport", transport)  # uvloop's: no subclass
         self.server.connections.add(self)
         settings = b"".join(
             _SETTING.pack(key, value)
@@ -261,7 +261,7 @@ class _Connection(asyncio.Protocol):
                 (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME),
             )
         )
-        transport.write(
+        writer.write(
             frame(SETTINGS, 0, 0, settings)
             + frame(WINDOW_UPDATE, 0, 0, _WINDOW_UPDATE.pack(CONNECTION_WINDOW - DEFAULT_WINDOW))
         )
