@@ -1,4 +1,4 @@
-"""End-to-end benchmark: Envoy alone (the floor) against Envoy + the vmrouter ext_proc (the router).
+"""End-to-end benchmark: Envoy alone (the floor) against Envoy + ext_procs: ours and naive ones.
 
 ``make bench`` runs this. Everything listens on 127.0.0.1 on free ports, every Envoy has its own
 ``--base-id``, every load run is bounded in time, and every process started here is stopped by
@@ -8,22 +8,33 @@ its PID in a ``finally`` block. What runs:
   (``direct_response``, with ``usage``), so the upstream is never the bottleneck; requests that
   carry ``x-bench-stream`` go on to ``bench/sse_upstream.py``, a tiny Python SSE server that sends
   chunks a few milliseconds apart (a ``direct_response`` sends its body at once, so it cannot show
-  whether the first chunk is passed on early).
-* **floor**: Envoy alone, with the router's own bootstrap minus both ext_proc filters (same
-  listener, route, retry policy, cluster specifier and provider clusters; the specifier's default
-  group points at the mock).
-* **router**: Envoy + ``python -m extproc serve`` with ``bench/gateway.yaml`` (weight-, priority-
-  and latency-based virtual models, overrides, telemetry on).
+  whether the first chunk is passed on early), and so do requests carrying ``x-bench-echo``, which
+  it answers with what reached it (the sanity check reads the rewritten ``model`` there).
+* the setups (``--setups``, env ``BENCH_SETUPS``; default ``floor,router,naive-aio``), each its own
+  Envoy (and ext_proc):
 
-The system under test (floor Envoy, router Envoy, ext_proc) is pinned to one core and the load
+  * **floor**: Envoy alone, with the router's own bootstrap minus both ext_proc filters (same
+    listener, route, retry policy, cluster specifier and provider clusters; the specifier's
+    default group points at the mock). Always measured: every ratio is relative to it.
+  * **router**: Envoy + ``python -m extproc serve`` with ``bench/gateway.yaml`` (weight-,
+    priority- and latency-based virtual models, overrides, telemetry on); ``router-grpcio`` is
+    the same with ``--transport grpcio`` (grpc.aio instead of our HTTP/2 server).
+  * **naive-aio**, **naive-sync**, **naive-h2**: the floor's Envoy plus one router-level ext_proc
+    filter (request headers SEND, request body BUFFERED, response headers SEND) pointing at
+    ``bench/naive_extproc.py`` (the issue's naive ext_proc: parse the body, set a fixed ``model``)
+    served by grpc.aio, grpcio's sync server or our h2grpc; the route still goes to the mock.
+
+The system under test (every setup's Envoy and ext_proc) is pinned to one core and the load
 generator, mock and SSE server to the other with ``taskset`` when available. Rounds interleave the
-setups (floor, router, floor, router, ...) so that drift of the machine hits both alike. Each run is
-``wrk -t1 -cC -dDs --latency -s bench/post.lua`` at concurrency 1 and 32; CPU time per request
-comes from ``/proc/PID/stat`` (utime + stime) before and after the run, peak RSS from ``VmHWM``.
-Time to first chunk is measured by a bounded Python client (sequential keep-alive requests with
-``"stream": true``). See docs/performance.md for how to read the output.
+setups (floor, router, naive-aio, floor, router, ...) so that drift of the machine hits all alike.
+Each run is ``wrk -t1 -cC -dDs --latency -s bench/post.lua`` at concurrency 1 and 32; CPU time per
+request comes from ``/proc/PID/stat`` (utime + stime) before and after the run, peak RSS from
+``VmHWM``. Time to first chunk is measured by a bounded Python client (sequential keep-alive
+requests with ``"stream": true``) on every setup. See docs/performance.md for how to read the
+output.
 
     .venv/bin/python bench/run.py [--quick] [--rounds 3 --duration 10] [--profile 15] [--out F]
+        [--setups floor,router,naive-aio,naive-sync,naive-h2,router-grpcio]
 """
 
 from __future__ import annotations
@@ -65,6 +76,42 @@ FOREIGN_WARN_CORES = 0.05
 TARGET_RATIO_C32 = 0.25
 TARGET_ADDED_P50_MS = 0.6
 TARGET_ADDED_P99_MS = 1.5
+
+SETUPS = {
+    "floor": "floor (Envoy alone)",
+    "router": "router (ours, h2)",
+    "router-grpcio": "router-grpcio (ours, grpc.aio)",
+    "naive-aio": "naive-aio (grpc.aio)",
+    "naive-sync": "naive-sync (grpcio sync)",
+    "naive-h2": "naive-h2 (h2grpc)",
+}
+"""Every setup bench/run.py knows, in table order, with its column heading."""
+DEFAULT_SETUPS = "floor,router,naive-aio"
+NAIVE_SERVERS = {"naive-aio": "aio", "naive-sync": "sync", "naive-h2": "h2"}
+"""The naive setups and their ``bench/naive_extproc.py --server`` flavour."""
+NAIVE_MODEL = "naive-upstream-model"
+"""The model bench/naive_extproc.py writes into every request (UPSTREAM_MODEL there)."""
+COMPARE = ("router", "naive-aio")
+"""Issue 7: "our full router must beat the naive one"; this pair gets its own line."""
+
+
+def envoy_name(setup: str) -> str:
+    """The process name of a setup's Envoy (``floor-envoy``, ``router-envoy``...)."""
+    return f"{setup}-envoy"
+
+
+def extproc_name(setup: str) -> str | None:
+    """The process name of a setup's ext_proc (the router's keeps its old name, ``extproc``)."""
+    if setup == "floor":
+        return None
+    return "extproc" if setup == "router" else f"{setup}-extproc"
+
+
+def sut_names(setup: str) -> list[str]:
+    """The processes whose CPU is the setup's system under test: its Envoy and ext_proc."""
+    extproc = extproc_name(setup)
+    return [envoy_name(setup)] + ([extproc] if extproc else [])
+
 
 MOCK_COMPLETION = {
     "id": "chatcmpl-bench",
@@ -143,6 +190,7 @@ class Stack:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=ROOT,  # `python -m extproc` imports this tree's package, not an installed one
                 start_new_session=True,  # Ctrl-C in the terminal reaches only us; we stop them
             )
         proc = Proc(name, popen, log)
@@ -266,15 +314,15 @@ def mock_config(port: int, admin_port: int, sse_port: int) -> dict[str, Any]:
         "header": {"key": "content-type", "value": "application/json"},
         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
     }
-    routes = [
+    routes: list[dict[str, Any]] = [
         {
-            "name": "stream",
-            "match": {
-                "prefix": "/",
-                "headers": [{"name": "x-bench-stream", "present_match": True}],
-            },
+            "name": header.removeprefix("x-bench-"),
+            "match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
             "route": {"cluster": "sse", "timeout": "30s"},
-        },
+        }
+        for header in ("x-bench-stream", "x-bench-echo")
+    ]
+    routes += [
         {
             "name": "chat",
             "match": {
@@ -380,6 +428,38 @@ def gateway_config(source: Path, mock_port: int, dest: Path) -> dict[str, Any]:
     return dict(config)
 
 
+def router_bootstrap(
+    gateway: Path, dest: Path, port: int, admin_port: int, extproc_port: int
+) -> dict[str, Any]:
+    """``python -m extproc envoy-config`` for the router's Envoy, as a dict."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "--log-level",
+            "ERROR",
+            "envoy-config",
+            "--config",
+            str(gateway),
+            "--listen-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+            "--extproc",
+            f"127.0.0.1:{extproc_port}",
+            "-o",
+            str(dest),
+        ],
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    return dict(yaml.safe_load(dest.read_text()))
+
+
 def is_ext_proc(filt: dict[str, Any]) -> bool:
     return filt.get("name") == "envoy.filters.http.ext_proc"
 
@@ -407,6 +487,57 @@ def floor_config(router: dict[str, Any], port: int, admin_port: int) -> dict[str
     config["static_resources"]["clusters"] = [
         c for c in clusters if c["name"] != "vmrouter_extproc"
     ]
+    return dict(config)
+
+
+def naive_config(
+    floor: dict[str, Any], port: int, admin_port: int, extproc_port: int
+) -> dict[str, Any]:
+    """The floor's bootstrap plus one router-level ext_proc filter: the issue's naive router.
+
+    Three messages per request (request headers, the buffered request body, response headers) to
+    ``bench/naive_extproc.py`` on ``extproc_port``; the route and clusters stay the floor's, so
+    every request still goes to the mock.
+    """
+    config = json.loads(json.dumps(floor))
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "naive_extproc"}},
+        "failure_mode_allow": False,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "response_header_mode": "SEND",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "message_timeout": "10s",
+    }
+    hcm["http_filters"].insert(0, {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
+    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": extproc_port}}}
+    config["static_resources"]["clusters"].append(
+        {
+            "name": "naive_extproc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3"
+                    ".HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "naive_extproc",
+                "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+            },
+        }
+    )
     return dict(config)
 
 
@@ -578,29 +709,56 @@ class Bench:
             sock.close()
         return samples
 
-    def check_setup(self, setup: str) -> dict[str, str]:
-        """One plain request: it must succeed (and, for the router, carry the gateway headers)."""
+    def _post(self, setup: str, headers: dict[str, str]) -> tuple[dict[str, str], Any]:
         body = json.dumps(
             {"model": "prod-chat", "messages": [{"role": "user", "content": "hi"}]}
         ).encode()
         req = urllib.request.Request(
             self.urls[setup] + "/v1/chat/completions",
             data=body,
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **headers},
         )
         try:
             with urllib.request.urlopen(req, timeout=10) as response:
-                headers = {k.lower(): v for k, v in response.headers.items()}
+                status = response.status
+                answer = {k.lower(): v for k, v in response.headers.items()}
                 payload = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise RuntimeError(
                 f"{setup}: sanity request failed with {exc.code}: {exc.read()[:500]!r}"
             ) from None
-        if "usage" not in payload:
-            raise RuntimeError(f"{setup}: unexpected answer {payload}")
-        if setup == "router" and "x-gateway-target" not in headers:
-            raise RuntimeError(f"router: no x-gateway-target header in {headers}")
-        return {k: v for k, v in headers.items() if k.startswith("x-gateway-")}
+        if status != 200 or "usage" not in payload:
+            raise RuntimeError(f"{setup}: unexpected answer {status} {payload}")
+        return answer, payload
+
+    def check_setup(self, setup: str) -> str:
+        """Plain requests that must succeed, and reach the mock rewritten as the setup rewrites.
+
+        One goes to the mock's fixed completion (the router's answer must carry the gateway
+        headers); one carries ``x-bench-echo`` and comes back from bench/sse_upstream.py with the
+        ``model`` it received and the body's framing: unchanged for the floor, a catalog model for
+        the routers, ``NAIVE_MODEL`` for the naive ext_procs, always a complete JSON body.
+        """
+        headers, _ = self._post(setup, {})
+        gateway = {k: v for k, v in headers.items() if k.startswith("x-gateway-")}
+        if setup.startswith("router") and "x-gateway-target" not in headers:
+            raise RuntimeError(f"{setup}: no x-gateway-target header in {headers}")
+        _, payload = self._post(setup, {"x-bench-echo": "1"})
+        echo = payload.get("bench_echo") or {}
+        model = echo.get("model")
+        if setup == "floor":
+            good = model == "prod-chat"
+        elif setup.startswith("naive"):
+            good = model == NAIVE_MODEL
+        else:
+            good = isinstance(model, str) and model not in ("", "prod-chat")
+        if not good:
+            raise RuntimeError(f"{setup}: the mock received an unexpected request: {echo}")
+        framing = echo["framing"] + (
+            f" {echo['content_length']}" if echo["framing"] == "content-length" else ""
+        )
+        note = f"model {model!r} reached the mock ({framing}, {echo['body_bytes']} body bytes)"
+        return f"{note}; gateway headers {gateway}" if gateway else note
 
 
 def _one_stream(sock: socket.socket, request: bytes) -> tuple[float, float]:
@@ -689,51 +847,70 @@ def summarise(
     runs: list[RunResult],
     streams: dict[str, list[tuple[int, float, float]]],
     concurrencies: list[int],
+    setups: list[str],
     sut_cpu: int | None = None,
     client_cpu: int | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"load": {}, "stream": {}}
+    """Medians over the rounds per setup and concurrency, and every setup against the floor.
+
+    ``load[c][setup]`` holds a setup's numbers, with ``vs_floor`` (throughput ratio and added
+    latency within each round, then the median; SUT CPU per request ratio over all rounds) for all
+    but the floor. The router's ``vs_floor`` numbers are also at ``load[c]`` itself (``ratio_rps``,
+    ``ratio_cpu``, ``added_p50_ms``, ``added_p99_ms``), where the targets read them; ``compare``
+    holds the router against the naive grpc.aio ext_proc (``COMPARE``).
+    """
+    out: dict[str, Any] = {"setups": setups, "load": {}, "stream": {}, "compare": {}}
     for c in concurrencies:
-        floor = {r.round: r for r in runs if r.setup == "floor" and r.concurrency == c}
-        router = {r.round: r for r in runs if r.setup == "router" and r.concurrency == c}
-        rounds = sorted(set(floor) & set(router))
+        by = {
+            setup: {r.round: r for r in runs if r.setup == setup and r.concurrency == c}
+            for setup in setups
+        }
+        rounds = sorted(set.intersection(*(set(d) for d in by.values())))
         if not rounds:
             continue
-
-        f_cpu, r_cpu = _cpu(floor, rounds), _cpu(router, rounds)
-        out["load"][str(c)] = {
-            "rounds": len(rounds),
-            "floor": {
-                "rps": _med(floor, rounds, "rps"),
-                "p50_ms": _med(floor, rounds, "p50_ms"),
-                "p99_ms": _med(floor, rounds, "p99_ms"),
-                "cpu_us_per_req": f_cpu,
-                "sut_process_util": _util(floor, rounds, ["floor-envoy"]),
-                "sut_core_busy": _core(floor, rounds, sut_cpu),
-                "client_core_busy": _core(floor, rounds, client_cpu),
-                "errors": sum(sum(floor[i].errors.values()) for i in rounds),
-            },
-            "router": {
-                "rps": _med(router, rounds, "rps"),
-                "p50_ms": _med(router, rounds, "p50_ms"),
-                "p99_ms": _med(router, rounds, "p99_ms"),
-                "cpu_us_per_req": r_cpu,
-                "sut_process_util": _util(router, rounds, ["router-envoy", "extproc"]),
-                "sut_core_busy": _core(router, rounds, sut_cpu),
-                "client_core_busy": _core(router, rounds, client_cpu),
-                "errors": sum(sum(router[i].errors.values()) for i in rounds),
-            },
-            "max_foreign_cores": max(
-                x.foreign_cores for d in (floor, router) for x in (d[i] for i in rounds)
-            ),
-            "ratio_rps": statistics.median(router[i].rps / floor[i].rps for i in rounds),
-            "ratio_cpu": (
-                sum(f_cpu.get(n, 0.0) for n in ("floor-envoy",))
-                / max(1e-9, sum(r_cpu.get(n, 0.0) for n in ("router-envoy", "extproc")))
-            ),
-            "added_p50_ms": statistics.median(router[i].p50_ms - floor[i].p50_ms for i in rounds),
-            "added_p99_ms": statistics.median(router[i].p99_ms - floor[i].p99_ms for i in rounds),
-        }
+        row: dict[str, Any] = {"rounds": len(rounds)}
+        floor = by["floor"]
+        for setup, d in by.items():
+            cpu = _cpu(d, rounds)
+            row[setup] = {
+                "rps": _med(d, rounds, "rps"),
+                "p50_ms": _med(d, rounds, "p50_ms"),
+                "p99_ms": _med(d, rounds, "p99_ms"),
+                "cpu_us_per_req": cpu,
+                "sut_cpu_us_per_req": sum(cpu.get(n, 0.0) for n in sut_names(setup)),
+                "sut_process_util": _util(d, rounds, sut_names(setup)),
+                "sut_core_busy": _core(d, rounds, sut_cpu),
+                "client_core_busy": _core(d, rounds, client_cpu),
+                "errors": sum(sum(d[i].errors.values()) for i in rounds),
+            }
+        floor_sut = row["floor"]["sut_cpu_us_per_req"]
+        for setup, d in by.items():
+            if setup == "floor":
+                continue
+            row[setup]["vs_floor"] = {
+                "ratio_rps": statistics.median(d[i].rps / floor[i].rps for i in rounds),
+                "ratio_cpu": floor_sut / max(1e-9, row[setup]["sut_cpu_us_per_req"]),
+                "added_p50_ms": statistics.median(d[i].p50_ms - floor[i].p50_ms for i in rounds),
+                "added_p99_ms": statistics.median(d[i].p99_ms - floor[i].p99_ms for i in rounds),
+            }
+        row["max_foreign_cores"] = max(
+            x.foreign_cores for d in by.values() for x in (d[i] for i in rounds)
+        )
+        if "router" in row:
+            row.update(row["router"]["vs_floor"])
+        ours, naive = COMPARE
+        if ours in row and naive in row:
+            out["compare"][str(c)] = {
+                "pair": [ours, naive],
+                "ratio_rps": statistics.median(by[ours][i].rps / by[naive][i].rps for i in rounds),
+                "sut_cpu_us_per_req": [
+                    row[ours]["sut_cpu_us_per_req"],
+                    row[naive]["sut_cpu_us_per_req"],
+                ],
+                "ratio_sut_cpu": row[ours]["sut_cpu_us_per_req"]
+                / max(1e-9, row[naive]["sut_cpu_us_per_req"]),
+            }
+        out["load"][str(c)] = row
     for setup, samples in streams.items():
         ttfc = [s[1] for s in samples]
         total = [s[2] for s in samples]
@@ -744,11 +921,17 @@ def summarise(
             "total_p50_ms": percentile(total, 50),
             "total_p99_ms": percentile(total, 99),
         }
-    if "floor" in out["stream"] and "router" in out["stream"]:
-        f, r = out["stream"]["floor"], out["stream"]["router"]
-        out["stream"]["added_ttfc_p50_ms"] = r["ttfc_p50_ms"] - f["ttfc_p50_ms"]
-        out["stream"]["added_ttfc_p99_ms"] = r["ttfc_p99_ms"] - f["ttfc_p99_ms"]
-        out["stream"]["added_total_p50_ms"] = r["total_p50_ms"] - f["total_p50_ms"]
+    if "floor" in out["stream"]:
+        f = out["stream"]["floor"]
+        for setup, st in out["stream"].items():
+            if setup != "floor" and setup in streams:
+                st["added_ttfc_p50_ms"] = st["ttfc_p50_ms"] - f["ttfc_p50_ms"]
+                st["added_ttfc_p99_ms"] = st["ttfc_p99_ms"] - f["ttfc_p99_ms"]
+                st["added_total_p50_ms"] = st["total_p50_ms"] - f["total_p50_ms"]
+        if "router" in out["stream"]:
+            r = out["stream"]["router"]
+            for key in ("added_ttfc_p50_ms", "added_ttfc_p99_ms", "added_total_p50_ms"):
+                out["stream"][key] = r[key]
     return out
 
 
@@ -777,7 +960,7 @@ def ext_proc_per_request(stats: dict[str, int]) -> dict[str, float]:
 
 
 def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    load = summary["load"]
+    load = {c: row for c, row in summary["load"].items() if "router" in row}
     rows = []
     if "32" in load:
         rows.append(
@@ -814,76 +997,112 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def render(
     summary: dict[str, Any], rss: dict[str, float], target_rows: list[dict[str, Any]], header: str
 ) -> str:
+    """The markdown table: one column per setup, each with its ratio to the floor in brackets."""
+    setups: list[str] = summary["setups"]
+    others = [s for s in setups if s != "floor"]
     lines = [header, ""]
-    lines.append("| metric | floor (Envoy alone) | router (Envoy + ext_proc) | router vs floor |")
-    lines.append("|---|---:|---:|---:|")
+    lines.append("| metric | " + " | ".join(SETUPS[s] for s in setups) + " |")
+    lines.append("|---|" + "---:|" * len(setups))
+
+    def add(label: str, cells: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
     for c, row in summary["load"].items():
-        f, r = row["floor"], row["router"]
-        lines.append(
-            f"| c={c} throughput (req/s) | {f['rps']:,.0f} | {r['rps']:,.0f} | "
-            f"x{row['ratio_rps']:.3f} |"
+
+        def cells(value: Any, versus: Any = None, row: dict[str, Any] = row) -> list[str]:
+            out = [value(row["floor"])]
+            for setup in others:
+                text = value(row[setup])
+                if versus is not None:
+                    text += f" ({versus(row[setup]['vs_floor'])})"
+                out.append(text)
+            return out
+
+        def cpu(name: str, row: dict[str, Any] = row) -> list[str]:
+            out = []
+            for setup in setups:
+                proc = name.format(envoy=envoy_name(setup), extproc=extproc_name(setup))
+                value = row[setup]["cpu_us_per_req"].get(proc)
+                out.append("-" if value is None else f"{value:,.0f}")
+            return out
+
+        add(
+            f"c={c} throughput (req/s) (x vs floor)",
+            cells(lambda r: f"{r['rps']:,.0f}", lambda v: f"x{v['ratio_rps']:.3f}"),
         )
-        lines.append(
-            f"| c={c} latency p50 (ms) | {f['p50_ms']:.3f} | {r['p50_ms']:.3f} | "
-            f"+{row['added_p50_ms']:.3f} ms |"
+        add(
+            f"c={c} latency p50 (ms) (+ vs floor)",
+            cells(lambda r: f"{r['p50_ms']:.3f}", lambda v: f"{v['added_p50_ms']:+.3f}"),
         )
-        lines.append(
-            f"| c={c} latency p99 (ms) | {f['p99_ms']:.3f} | {r['p99_ms']:.3f} | "
-            f"+{row['added_p99_ms']:.3f} ms |"
+        add(
+            f"c={c} latency p99 (ms) (+ vs floor)",
+            cells(lambda r: f"{r['p99_ms']:.3f}", lambda v: f"{v['added_p99_ms']:+.3f}"),
         )
-        fe = f["cpu_us_per_req"].get("floor-envoy", 0.0)
-        re_ = r["cpu_us_per_req"].get("router-envoy", 0.0)
-        ep = r["cpu_us_per_req"].get("extproc", 0.0)
-        lines.append(f"| c={c} CPU us/req: Envoy | {fe:,.0f} | {re_:,.0f} | +{re_ - fe:,.0f} us |")
-        lines.append(f"| c={c} CPU us/req: ext_proc | - | {ep:,.0f} | |")
-        lines.append(
-            f"| c={c} CPU us/req: system under test | {fe:,.0f} | {re_ + ep:,.0f} | "
-            f"x{(re_ + ep) / fe if fe else float('nan'):.2f} |"
+        add(f"c={c} CPU us/req: Envoy", cpu("{envoy}"))
+        add(f"c={c} CPU us/req: ext_proc", cpu("{extproc}"))
+        add(
+            f"c={c} CPU us/req: system under test (x vs floor)",
+            cells(
+                lambda r: f"{r['sut_cpu_us_per_req']:,.0f}",
+                lambda v: f"x{1 / v['ratio_cpu'] if v['ratio_cpu'] else float('nan'):.2f}",
+            ),
         )
-        sut = re_ + ep
-        lines.append(
-            f"| c={c} requests per SUT CPU-second | {1e6 / fe if fe else 0:,.0f} | "
-            f"{1e6 / sut if sut else 0:,.0f} | x{row['ratio_cpu']:.3f} |"
+        add(
+            f"c={c} requests per SUT CPU-second",
+            cells(
+                lambda r: f"{1e6 / r['sut_cpu_us_per_req'] if r['sut_cpu_us_per_req'] else 0:,.0f}"
+            ),
         )
-        lines.append(
-            f"| c={c} SUT core busy | {f['sut_core_busy']:.0%} | {r['sut_core_busy']:.0%} | |"
-        )
-        lines.append(
-            f"| c={c} client core busy | {f['client_core_busy']:.0%} | "
-            f"{r['client_core_busy']:.0%} | |"
-        )
-        if f["errors"] or r["errors"]:
-            lines.append(f"| c={c} errors (non-2xx, socket) | {f['errors']} | {r['errors']} | |")
+        add(f"c={c} SUT core busy", cells(lambda r: f"{r['sut_core_busy']:.0%}"))
+        add(f"c={c} client core busy", cells(lambda r: f"{r['client_core_busy']:.0%}"))
+        if any(row[s]["errors"] for s in setups):
+            add(f"c={c} errors (non-2xx, socket)", cells(lambda r: str(r["errors"])))
     st = summary["stream"]
-    if "floor" in st and "router" in st:
-        f, r = st["floor"], st["router"]
-        lines.append(
-            f"| stream time to first chunk p50 (ms) | {f['ttfc_p50_ms']:.3f} | "
-            f"{r['ttfc_p50_ms']:.3f} | +{st['added_ttfc_p50_ms']:.3f} ms |"
+    if "floor" in st:
+
+        def stream(key: str, added: str | None) -> list[str]:
+            out = []
+            for setup in setups:
+                if setup not in st:
+                    out.append("-")
+                    continue
+                text = f"{st[setup][key]:.3f}"
+                if added and setup != "floor":
+                    text += f" ({st[setup][added]:+.3f})"
+                out.append(text)
+            return out
+
+        add(
+            "stream time to first chunk p50 (ms) (+ vs floor)",
+            stream("ttfc_p50_ms", "added_ttfc_p50_ms"),
         )
-        lines.append(
-            f"| stream time to first chunk p99 (ms) | {f['ttfc_p99_ms']:.3f} | "
-            f"{r['ttfc_p99_ms']:.3f} | +{st['added_ttfc_p99_ms']:.3f} ms |"
+        add(
+            "stream time to first chunk p99 (ms) (+ vs floor)",
+            stream("ttfc_p99_ms", "added_ttfc_p99_ms"),
         )
-        lines.append(
-            f"| stream total time p50 (ms) | {f['total_p50_ms']:.3f} | "
-            f"{r['total_p50_ms']:.3f} | +{st['added_total_p50_ms']:.3f} ms |"
+        add(
+            "stream total time p50 (ms) (+ vs floor)",
+            stream("total_p50_ms", "added_total_p50_ms"),
         )
-    per = summary.get("ext_proc_per_request") or {}
-    if per:
-        lines.append(
-            f"| ext_proc gRPC streams per request (router + upstream) | - | "
-            f"{per['router_streams']:.0f} + {per['upstream_streams']:.2f} | |"
+    per_setup = summary.get("ext_proc_per_request_by_setup") or {}
+    if per_setup:
+
+        def per(fmt: str) -> list[str]:
+            return [fmt.format(**per_setup[s]) if per_setup.get(s) else "-" for s in setups]
+
+        add(
+            "ext_proc gRPC streams per request (router-level + upstream-level)",
+            per("{router_streams:.0f} + {upstream_streams:.2f}"),
         )
-        lines.append(
-            f"| ext_proc messages per request, Envoy to ext_proc (router + upstream) | - | "
-            f"{per['router_msgs_sent']:.2f} + {per['upstream_msgs_sent']:.2f} | |"
+        add(
+            "ext_proc messages per request, Envoy to ext_proc (router-level + upstream-level)",
+            per("{router_msgs_sent:.2f} + {upstream_msgs_sent:.2f}"),
         )
-    lines.append(
-        f"| peak RSS, Envoy (MB) | {rss.get('floor-envoy', 0):.1f} | "
-        f"{rss.get('router-envoy', 0):.1f} | |"
+    add("peak RSS, Envoy (MB)", [f"{rss.get(envoy_name(s), 0):.1f}" for s in setups])
+    add(
+        "peak RSS, ext_proc (MB)",
+        [f"{rss.get(extproc_name(s) or '', 0):.1f}" if extproc_name(s) else "-" for s in setups],
     )
-    lines.append(f"| peak RSS, ext_proc (MB) | - | {rss.get('extproc', 0):.1f} | |")
     noisy = {
         c: row["max_foreign_cores"]
         for c, row in summary["load"].items()
@@ -896,15 +1115,40 @@ def render(
             + ", ".join(f"{v:.2f} cores at c={c}" for c, v in noisy.items())
             + "): absolute numbers are disturbed; the interleaved ratios less so."
         )
-    lines.append("")
-    lines.append("| target (issue 7) | goal | measured | |")
-    lines.append("|---|---|---:|---|")
-    for t in target_rows:
-        value = f"{t['value']:.3f}" + (f" {t['unit']}" if t["unit"] else "")
+    if target_rows:
+        lines.append("")
+        lines.append("| target (issue 7), router | goal | measured | |")
+        lines.append("|---|---|---:|---|")
+        for t in target_rows:
+            value = f"{t['value']:.3f}" + (f" {t['unit']}" if t["unit"] else "")
+            lines.append(
+                f"| {t['target']} | {t['goal']} | {value} | {'met' if t['met'] else 'MISSED'} |"
+            )
+    lines += ["", *compare_lines(summary)]
+    return "\n".join(lines).rstrip()
+
+
+def compare_lines(summary: dict[str, Any]) -> list[str]:
+    """Issue 7's "our full router must beat the naive one", answered for this run."""
+    ours, naive = COMPARE
+    compare = summary.get("compare") or {}
+    if not compare:
+        return [f"{ours} vs {naive}: not measured (--setups lacks one of them)"]
+    lines = []
+    for c, cmp in compare.items():
+        ours_cpu, naive_cpu = cmp["sut_cpu_us_per_req"]
+        faster, cheaper = cmp["ratio_rps"] >= 1, cmp["ratio_sut_cpu"] < 1
+        if faster and cheaper:
+            verdict = f"{ours} beats {naive}"
+        elif not faster and not cheaper:
+            verdict = f"{ours} does NOT beat {naive}"
+        else:  # one says yes, the other no: other load on the SUT core skews the throughput
+            verdict = "mixed: the CPU per request is the figure to trust on a noisy run"
         lines.append(
-            f"| {t['target']} | {t['goal']} | {value} | {'met' if t['met'] else 'MISSED'} |"
+            f"{ours} vs {naive} c={c} throughput: x{cmp['ratio_rps']:.2f}; CPU per request of "
+            f"SUT: {ours_cpu:,.0f} vs {naive_cpu:,.0f} us (x{cmp['ratio_sut_cpu']:.2f}): {verdict}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 # --- profile ------------------------------------------------------------------------------------
@@ -1082,6 +1326,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="afterwards, profile the ext_proc with py-spy for SECONDS under c=32 "
         "load (BENCH_PROFILE; needs py-spy in the venv)",
     )
+    parser.add_argument(
+        "--setups",
+        default=os.environ.get("BENCH_SETUPS") or DEFAULT_SETUPS,
+        help=f"comma-separated setups to measure (BENCH_SETUPS; default {DEFAULT_SETUPS}); "
+        f"known: {', '.join(SETUPS)}; the floor is always measured",
+    )
     parser.add_argument("--config", type=Path, default=BENCH_DIR / "gateway.yaml")
     parser.add_argument(
         "--out",
@@ -1101,6 +1351,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.stream_requests is None:
         args.stream_requests = 30 if args.quick else 200
     args.concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    wanted = {name.strip() for name in args.setups.split(",") if name.strip()} | {"floor"}
+    unknown = wanted - set(SETUPS)
+    if unknown:
+        parser.error(
+            f"unknown setup(s) {', '.join(sorted(unknown))}: known are {', '.join(SETUPS)}"
+        )
+    if len(wanted) < 2:
+        parser.error("--setups needs at least one setup besides the floor")
+    args.setups = [name for name in SETUPS if name in wanted]  # table order, floor first
     return args
 
 
@@ -1177,21 +1436,20 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, stack)
     started = time.monotonic()
     try:
-        ports = {
-            k: free_port()
-            for k in (
-                "mock",
-                "mock_admin",
-                "sse",
-                "floor",
-                "floor_admin",
-                "router",
-                "router_admin",
-                "extproc",
-                "metrics",
-            )
-        }
-        bench.ports = {"floor": ports["floor"], "router": ports["router"]}
+        setups: list[str] = args.setups
+        ports = {k: free_port() for k in ("mock", "mock_admin", "sse")}
+        for setup in setups:
+            ports[setup] = free_port()
+            ports[f"{setup}_admin"] = free_port()
+            if setup != "floor":
+                ports[f"{setup}_extproc"] = free_port()
+        for setup in ("router", "router-grpcio"):
+            # the floor is built from the router's bootstrap, so it always gets its ports
+            ports.setdefault(setup, free_port())
+            ports.setdefault(f"{setup}_admin", free_port())
+            ports.setdefault(f"{setup}_extproc", free_port())
+            ports[f"{setup}_metrics"] = free_port()
+        bench.ports = {s: ports[s] for s in setups}
         bench.urls = {s: f"http://127.0.0.1:{p}" for s, p in bench.ports.items()}
 
         sse = stack.start(
@@ -1219,69 +1477,74 @@ def main(argv: list[str] | None = None) -> int:
 
         config_path = workdir / "gateway.yaml"
         gateway_config(args.config, ports["mock"], config_path)
-        router_yaml = workdir / "router-bootstrap.yaml"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "extproc",
-                "--log-level",
-                "ERROR",
-                "envoy-config",
-                "--config",
-                str(config_path),
-                "--listen-address",
-                "127.0.0.1",
-                "--port",
-                str(ports["router"]),
-                "--admin-port",
-                str(ports["router_admin"]),
-                "--extproc",
-                f"127.0.0.1:{ports['extproc']}",
-                "-o",
-                str(router_yaml),
-            ],
-            check=True,
-            cwd=ROOT,
-            timeout=60,
-        )
-        router_cfg = yaml.safe_load(router_yaml.read_text())
+        router_cfgs = {
+            setup: router_bootstrap(
+                config_path,
+                workdir / f"{setup}-bootstrap.yaml",
+                ports[setup],
+                ports[f"{setup}_admin"],
+                ports[f"{setup}_extproc"],
+            )
+            for setup in ("router", "router-grpcio")
+            if setup in setups or setup == "router"
+        }
+        floor_cfg = floor_config(router_cfgs["router"], ports["floor"], ports["floor_admin"])
         env = {
             **os.environ,
             "BENCH_OPENAI_API_KEY": "sk-bench-openai",
             "BENCH_AZURE_API_KEY": "sk-bench-azure",
         }
-        extproc = stack.start(
-            "extproc",
-            [
-                sys.executable,
-                "-m",
-                "extproc",
-                "serve",
-                "--config",
-                str(config_path),
-                "--listen",
-                f"127.0.0.1:{ports['extproc']}",
-                "--metrics-listen",
-                f"127.0.0.1:{ports['metrics']}",
-                "--drain-seconds",
-                "1",
-            ],
-            args.sut_cpu,
-            env=env,
-        )
-        wait_for("ext_proc", lambda: port_open(ports["extproc"]), extproc)
-        router_envoy = start_envoy(
-            stack, "router-envoy", router_cfg, ports["router_admin"], args.sut_cpu
-        )
-        floor_envoy = start_envoy(
-            stack,
-            "floor-envoy",
-            floor_config(router_cfg, ports["floor"], ports["floor_admin"]),
-            ports["floor_admin"],
-            args.sut_cpu,
-        )
-        bench.procs = {"floor": [floor_envoy], "router": [router_envoy, extproc]}
+        extprocs: dict[str, Proc] = {}
+        for setup in setups:
+            name = extproc_name(setup)
+            if name is None:
+                continue
+            listen = f"127.0.0.1:{ports[f'{setup}_extproc']}"
+            if setup in NAIVE_SERVERS:
+                argv = [
+                    sys.executable,
+                    str(BENCH_DIR / "naive_extproc.py"),
+                    "--server",
+                    NAIVE_SERVERS[setup],
+                    "--listen",
+                    listen,
+                ]
+            else:
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "extproc",
+                    "serve",
+                    "--config",
+                    str(config_path),
+                    "--listen",
+                    listen,
+                    "--metrics-listen",
+                    f"127.0.0.1:{ports[f'{setup}_metrics']}",
+                    "--drain-seconds",
+                    "1",
+                    "--transport",
+                    "grpcio" if setup == "router-grpcio" else "h2",
+                ]
+            extprocs[setup] = stack.start(name, argv, args.sut_cpu, env=env)
+        for setup, proc in extprocs.items():
+            port = ports[f"{setup}_extproc"]
+            wait_for(f"{setup} ext_proc", lambda port=port: port_open(port), proc)
+        envoy_cfgs = {
+            setup: router_cfgs[setup]
+            if setup in router_cfgs
+            else floor_cfg
+            if setup == "floor"
+            else naive_config(
+                floor_cfg, ports[setup], ports[f"{setup}_admin"], ports[f"{setup}_extproc"]
+            )
+            for setup in setups
+        }
+        envoys = {
+            setup: start_envoy(stack, envoy_name(setup), cfg, ports[f"{setup}_admin"], args.sut_cpu)
+            for setup, cfg in envoy_cfgs.items()
+        }
+        bench.procs = {s: [envoys[s], *([extprocs[s]] if s in extprocs else [])] for s in setups}
 
         machine = machine_info(pin, pin_note)
         print(
@@ -1290,24 +1553,26 @@ def main(argv: list[str] | None = None) -> int:
             f"tree {machine['tree']}, load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        print(f"router answered with {bench.check_setup('router')}", flush=True)
-        bench.check_setup("floor")
+        print(f"setups: {', '.join(setups)}", flush=True)
+        for setup in setups:
+            print(f"{setup}: {bench.check_setup(setup)}", flush=True)
 
-        for setup in ("floor", "router"):
+        for setup in setups:
             if args.warmup > 0:
                 bench.run_wrk(setup, 32, args.warmup)
             if args.stream_requests:
                 bench.stream_run(setup, 5)
 
+        width = max(len(s) for s in setups)
         runs: list[RunResult] = []
-        streams: dict[str, list[tuple[int, float, float]]] = {"floor": [], "router": []}
+        streams: dict[str, list[tuple[int, float, float]]] = {s: [] for s in setups}
         for round_no in range(1, args.rounds + 1):
             for c in args.concurrencies:
-                for setup in ("floor", "router"):
+                for setup in setups:
                     result = bench.measure(setup, round_no, c, args.duration)
                     runs.append(result)
                     print(
-                        f"round {round_no} c={c:<3} {setup:<6} {result.rps:9,.0f} req/s  "
+                        f"round {round_no} c={c:<3} {setup:<{width}} {result.rps:9,.0f} req/s  "
                         f"p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
                         "CPU us/req "
                         + ", ".join(f"{k} {v:,.0f}" for k, v in result.cpu_us_per_req.items())
@@ -1320,42 +1585,52 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
             if args.stream_requests:
-                for setup in ("floor", "router"):
+                for setup in setups:
                     samples = bench.stream_run(setup, args.stream_requests)
                     streams[setup].extend((round_no, a, b) for a, b in samples)
                     print(
-                        f"round {round_no} stream {setup:<6} ttfc p50 "
+                        f"round {round_no} stream {setup:<{width}} ttfc p50 "
                         f"{percentile([a for a, _ in samples], 50):.3f} ms  total p50 "
                         f"{percentile([b for _, b in samples], 50):.3f} ms",
                         flush=True,
                     )
 
-        rss = {
-            p.name: p.status_kb("VmHWM") / 1024
-            for p in (floor_envoy, router_envoy, extproc, bench.mock)
-        }
-        metrics_ok = http_get(f"http://127.0.0.1:{ports['metrics']}/metrics") == 200
-        extproc_stats = envoy_stats(ports["router_admin"], "ext_proc")
-        served = envoy_stats(ports["router_admin"], r"^http\.vmrouter\.downstream_rq_completed$")
+        rss = {p.name: p.status_kb("VmHWM") / 1024 for p in stack.procs if p.name != "sse-upstream"}
+        metrics_ok = (
+            http_get(f"http://127.0.0.1:{ports['router_metrics']}/metrics") == 200
+            if "router" in setups
+            else None
+        )
+        stats = {s: envoy_stats(ports[f"{s}_admin"], "ext_proc") for s in setups if s != "floor"}
+        served = (
+            envoy_stats(ports["router_admin"], r"^http\.vmrouter\.downstream_rq_completed$")
+            if "router" in setups
+            else {}
+        )
 
         profile: dict[str, Any] | None = None
         if args.profile > 0:
-            profile = run_profile(bench, stack, extproc, args)
+            if "router" in extprocs:
+                profile = run_profile(bench, stack, extprocs["router"], args)
+            else:
+                profile = {"skipped": "the router is not among --setups"}
 
-        per_request = ext_proc_per_request(extproc_stats)
         summary = summarise(
             runs,
             streams if args.stream_requests else {},
             args.concurrencies,
+            setups,
             args.sut_cpu if pin else None,
             args.client_cpu if pin else None,
         )
-        summary["ext_proc_per_request"] = per_request
+        by_setup = {s: ext_proc_per_request(v) for s, v in stats.items()}
+        summary["ext_proc_per_request"] = by_setup.get("router", {})
+        summary["ext_proc_per_request_by_setup"] = by_setup
         target_rows = targets(summary)
         header = (
             f"vmrouter bench: {args.rounds} interleaved round(s) of {args.duration:g} s per "
-            f"setup and concurrency; Envoy {machine['envoy']} --concurrency 1; "
-            f"{pin_note}; took {time.monotonic() - started:.0f} s"
+            f"setup and concurrency; setups {', '.join(setups)}; Envoy {machine['envoy']} "
+            f"--concurrency 1; {pin_note}; took {time.monotonic() - started:.0f} s"
         )
         table = render(summary, rss, target_rows, header)
         print()
@@ -1371,7 +1646,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb": rss,
             "targets": target_rows,
             "telemetry_metrics_endpoint_ok": metrics_ok,
-            "router_envoy_ext_proc_stats": extproc_stats,
+            "router_envoy_ext_proc_stats": stats.get("router", {}),
+            "envoy_ext_proc_stats": stats,
             "router_envoy_requests": served,
             "runs": [vars(r) for r in runs],
             "streams": streams,

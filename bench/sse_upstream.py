@@ -7,7 +7,10 @@ chunks ``--interval-ms`` apart, a usage chunk and ``data: [DONE]``. It is a raw 
 (HTTP/1.1, keep-alive, chunked), so its own cost per request is small; it runs on the client core.
 
 Only the streaming measurement goes here (mock Envoy routes requests carrying ``x-bench-stream`` to
-it); the throughput runs never touch it.
+it); the throughput runs never touch it. Requests carrying ``x-bench-echo`` (the sanity check of
+bench/run.py) get a plain JSON chat completion instead, whose ``bench_echo`` tells what arrived:
+the request's ``model``, its framing (``content-length`` or chunked) and its body size, so a setup
+that rewrites the body shows whether the rewrite reached the upstream intact.
 
     python bench/sse_upstream.py --port 18998 [--chunks 10 --interval-ms 2]
 """
@@ -41,6 +44,18 @@ def _chunk(index: int, content: str | None, finish: str | None = None) -> dict[s
         "model": MODEL,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a complete chunked body."""
+    out = b""
+    while True:
+        line_end = data.index(b"\r\n")
+        size = int(data[:line_end].split(b";")[0], 16)
+        if size == 0:
+            return out
+        out += data[line_end + 2 : line_end + 2 + size]
+        data = data[line_end + 4 + size :]
 
 
 HEAD = (
@@ -79,6 +94,7 @@ class StreamProtocol(asyncio.Protocol):
         head = self.buffer[:end].decode("latin-1")
         length = 0
         chunked = False
+        echo = False
         for line in head.split("\r\n")[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
@@ -86,7 +102,9 @@ class StreamProtocol(asyncio.Protocol):
                 length = int(value.strip() or 0)
             elif name == "transfer-encoding" and "chunked" in value.lower():
                 chunked = True
-        if chunked:  # the request body is ignored: skip to the terminating chunk
+            elif name == "x-bench-echo":
+                echo = True
+        if chunked:  # skip to the terminating chunk
             stop = self.buffer.find(b"\r\n0\r\n\r\n", end)
             if stop < 0:
                 return
@@ -95,9 +113,48 @@ class StreamProtocol(asyncio.Protocol):
             total = end + 4 + length
         if len(self.buffer) < total:
             return
+        body = self.buffer[end + 4 : total]
         self.buffer = self.buffer[total:]
+        if echo:
+            self._echo(_dechunk(body) if chunked else body, length, chunked)
+            self._maybe_answer()
+            return
         self.busy = True
         asyncio.get_running_loop().create_task(self._answer())
+
+    def _echo(self, body: bytes, length: int, chunked: bool) -> None:
+        """Answer with a chat completion that tells what reached us."""
+        try:
+            model = json.loads(body).get("model")
+        except ValueError:
+            model = None
+        reply = json.dumps(
+            {
+                "id": "chatcmpl-bench-echo",
+                "object": "chat.completion",
+                "created": 1700000000,
+                "model": model or "unparsable",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "echo"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                "bench_echo": {
+                    "model": model,
+                    "framing": "chunked" if chunked else "content-length",
+                    "content_length": None if chunked else length,
+                    "body_bytes": len(body),
+                },
+            }
+        ).encode()
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(reply), reply)
+        )
 
     async def _answer(self) -> None:
         transport = self.transport
