@@ -1159,8 +1159,8 @@ _IDLE_LEAF = re.compile(
     r"|pthread_cond_wait|pthread_cond_timedwait|nanosleep|clock_nanosleep|select_epoll_poll_impl"
     r"|syscall|sem_wait|sem_timedwait) "
 )
-_HANDLER = re.compile(r"\((?:.*/)?extproc/(?!servicer\.py|server\.py|__main__\.py)")
-_SERVICER = re.compile(r"\((?:.*/)?extproc/servicer\.py")
+_HANDLER = re.compile(r"\((?:.*/)?extproc/(?!servicer\.py|server\.py|h2grpc\.py|__main__\.py)")
+_SERVICER = re.compile(r"\((?:.*/)?extproc/(?:servicer|h2grpc)\.py")
 
 
 _TELEMETRY = re.compile(
@@ -1169,8 +1169,8 @@ _TELEMETRY = re.compile(
 """OpenTelemetry frames (py-spy shows its namespace packages without the opentelemetry/ part)."""
 _INCLUSIVE = {
     "OpenTelemetry SDK (metrics, spans, context)": _TELEMETRY,
-    "extproc/observe.py + telemetry.py (recording outcomes)": re.compile(
-        r"extproc/(?:observe|telemetry)\.py"
+    "extproc/observe.py + telemetry.py + tally.py (recording outcomes)": re.compile(
+        r"extproc/(?:observe|telemetry|tally)\.py"
     ),
     "extproc/envoy.py (protobuf decode/encode helpers)": re.compile(r"extproc/envoy\.py"),
     "protobuf runtime (upb)": re.compile(r"_message\.abi3|upb|protobuf", re.IGNORECASE),
@@ -1217,10 +1217,10 @@ def summarise_profile(raw: Path, top: int = 20) -> dict[str, Any]:
 
     Idle samples (threads parked in epoll_wait, futex waits...) are dropped. Each busy sample is
     then classed by its stack: *handler* if any extproc/ frame other than the servicer loop is on
-    it (our code and everything it calls: json, protobuf building, opentelemetry), *servicer*
-    if only extproc/servicer.py is (the stream loop, e.g. reading the next message through
-    grpc.aio), else *grpc/asyncio machinery* (no frame of ours: event engine threads, the
-    completion queue, the event loop).
+    it (our code and everything it calls: json, protobuf building, opentelemetry), *transport*
+    if only extproc/servicer.py or extproc/h2grpc.py frames are (HTTP/2 framing, HPACK, the
+    stream loop; with grpc.aio, waiting on it), else *grpc/asyncio machinery* (no frame of
+    ours: grpcio's threads and completion queue, the event loop).
     """
     busy = idle = 0
     classes: Counter[str] = Counter()
@@ -1243,7 +1243,7 @@ def summarise_profile(raw: Path, top: int = 20) -> dict[str, Any]:
         if any(_HANDLER.search(f) for f in frames):
             classes["handler code (extproc/, with the json/protobuf/otel it calls)"] += count
         elif any(_SERVICER.search(f) for f in frames):
-            classes["servicer loop only (extproc/servicer.py awaiting grpc.aio)"] += count
+            classes["transport only (extproc/h2grpc.py framing, servicer loop)"] += count
         else:
             classes["grpc / asyncio machinery (no extproc/ frame on the stack)"] += count
         leaf_areas[_area(frames[-1])] += count
