@@ -25,6 +25,8 @@ CONTINUE_AND_REPLACE = pb.CommonResponse.CONTINUE_AND_REPLACE
 BODY_NONE = pb.ProcessingMode.NONE
 BODY_STREAMED = pb.ProcessingMode.STREAMED
 BODY_BUFFERED = pb.ProcessingMode.BUFFERED
+_SEND = pb.ProcessingMode.SEND
+_SKIP = pb.ProcessingMode.SKIP
 
 
 def decode_headers(headers: pb.HttpHeaders) -> dict[str, str]:
@@ -113,34 +115,45 @@ def response_headers_response(
     body_mode: int | None = None,
     dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
-    """Answer a response_headers message, optionally changing how the body is sent to us."""
+    """Answer a response_headers message; ``body_mode`` asks for the response body that way.
+
+    ``mode_override`` replaces the filter's whole processing mode, so every field is set: headers
+    sent, no request body (the request has left by now), trailers skipped.
+    """
     response = pb.ProcessingResponse()
     common = response.response_headers.response
     _common(common, set_headers, remove_headers, None, clear_route_cache=False)
     if dynamic_metadata:
         _set_metadata(response, dynamic_metadata)
     if body_mode is not None:
-        response.mode_override.response_body_mode = body_mode  # type: ignore[assignment]
+        mode = response.mode_override
+        mode.request_header_mode = _SEND
+        mode.response_header_mode = _SEND
+        mode.request_body_mode = BODY_NONE
+        mode.response_body_mode = body_mode  # type: ignore[assignment]
+        mode.request_trailer_mode = _SKIP
+        mode.response_trailer_mode = _SKIP
     return response
 
 
 def response_body_response(
     *,
-    set_headers: Iterable[tuple[str, str]] | None = None,
-    remove_headers: Iterable[str] | None = None,
     replace_body: bytes | None = None,
     streamed: bool = False,
+    dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
     """Answer a response_body message.
 
-    Buffered bodies may still change headers, and a replaced buffered body needs a matching
-    ``content-length``; streamed chunks (``streamed``) carry no length.
+    A replaced buffered body needs a matching ``content-length`` (set here); streamed chunks
+    (``streamed``) carry no length.
     """
     response = pb.ProcessingResponse()
-    headers = list(set_headers or ())
+    headers = None
     if replace_body is not None and not streamed:
-        headers.append(("content-length", str(len(replace_body))))
-    _common(response.response_body.response, headers, remove_headers, replace_body, False)
+        headers = [("content-length", str(len(replace_body)))]
+    _common(response.response_body.response, headers, None, replace_body, False)
+    if dynamic_metadata:
+        _set_metadata(response, dynamic_metadata)
     return response
 
 
@@ -151,6 +164,7 @@ def immediate_response(
     headers: Iterable[tuple[str, str]] = (),
     details: str = "",
     content_type: str = "application/json",
+    dynamic_metadata: Metadata | None = None,
 ) -> pb.ProcessingResponse:
     """Answer the client directly without contacting any upstream."""
     response = pb.ProcessingResponse()
@@ -160,6 +174,8 @@ def immediate_response(
     _header_mutation(immediate.headers, [("content-type", content_type), *headers], None)
     if details:
         immediate.details = details
+    if dynamic_metadata:
+        _set_metadata(response, dynamic_metadata)
     return response
 
 

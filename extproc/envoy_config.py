@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from extproc.request import EXPLAIN_HEADER
 from extproc.routing.model import Provider
 from extproc.routing.table import RoutingTable
 
@@ -45,9 +46,25 @@ INTERNAL_HEADER_PREFIX = "x-vm-"
 """Every internal header starts with this; client-sent ones are removed before routing."""
 
 METADATA_NS = "io.vmrouter"
-"""Dynamic metadata namespace for values Envoy filters read (e.g. the rewritten content length)."""
+"""Dynamic metadata namespace for values Envoy filters read: the rewritten content length, and the
+gateway response headers (keyed by header name), which the route renders into every response."""
 PRIORITY_GROUP_NS = "io.vmrouter.pg"
 """Dynamic metadata namespace the priority-group cluster specifier reads the attempt order from."""
+
+HEADER_VIRTUAL_MODEL = "x-gateway-virtual-model"
+HEADER_TARGET = "x-gateway-target"
+HEADER_SERVED_MODEL = "x-gateway-served-model"
+HEADER_ATTEMPTS = "x-gateway-attempts"
+GATEWAY_HEADERS = (
+    HEADER_VIRTUAL_MODEL,
+    HEADER_TARGET,
+    HEADER_SERVED_MODEL,
+    HEADER_ATTEMPTS,
+    EXPLAIN_HEADER,
+)
+"""Response headers the client gets. The ext_proc writes their values into ``METADATA_NS`` (one
+key per header name) and the route adds them to the response, Envoy's own local replies included:
+those never pass through an ext_proc filter. A header whose key is missing is left out."""
 
 UNROUTED_CLUSTER = "vmrouter_unrouted"
 """A cluster with no endpoints: the route's default when the ext_proc chose nothing."""
@@ -100,11 +117,14 @@ def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
             "initial_metadata": [{"key": FILTER_ROLE_HEADER, "value": role}],
         },
         "failure_mode_allow": False,
+        # The router-level filter sees the client's request only (headers, then the whole body);
+        # every response phase belongs to the upstream-level filter, which sees each attempt's
+        # response headers and asks for the answering attempt's body when it needs it.
         "processing_mode": {
             "request_header_mode": "SEND",
             "request_body_mode": "BUFFERED" if router else "NONE",
-            "response_header_mode": "SEND",
-            "response_body_mode": "BUFFERED" if router else "NONE",
+            "response_header_mode": "SKIP" if router else "SEND",
+            "response_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
         },
@@ -116,12 +136,12 @@ def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
         },
     }
     if router:
-        config["allow_mode_override"] = True
         # Lets the ext_proc set x-envoy-max-retries and the per-try timeout per request.
         config["mutation_rules"] = {"allow_envoy": True}
     else:
         config["mutation_rules"] = {"allow_all_routing": True}
-        config["request_attributes"] = ["xds.cluster_name"]
+        # The response_headers reply picks the response body mode (mode_override).
+        config["allow_mode_override"] = True
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 
@@ -272,6 +292,13 @@ def _route() -> dict[str, Any]:
     return {
         "name": "vmrouter",
         "match": {"prefix": "/"},
+        "response_headers_to_add": [
+            {
+                "header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NS}:{name})%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+            for name in GATEWAY_HEADERS
+        ],
         "response_headers_to_remove": [RETRY_HEADER],
         "route": {
             "timeout": "0s",
@@ -302,6 +329,47 @@ def _route() -> dict[str, Any]:
     }
 
 
+RUNTIME = {"envoy.reloadable_features.grpc_side_stream_flow_control": False}
+"""Envoy runtime overrides. Envoy 1.40 crashes (segfault) when an upstream-level ext_proc's gRPC
+stream goes over its write-buffer high watermark, which a buffered response body of 1 MiB or more
+does (the ext_proc cluster's connection buffer, then the 16 MiB HTTP/2 stream window): the
+watermark is passed on to the upstream filter's stream callbacks. Without gRPC side-stream flow
+control Envoy buffers what it sends to the ext_proc instead, as before that feature; request and
+response bodies stay bounded by ``EnvoySettings.body_limit_bytes``."""
+
+UPSTREAM_FAILURE_FLAGS = ("UH", "UF", "UO", "URX", "UC", "UR", "UT", "UMSDR", "UPE", "NC", "DF")
+"""Envoy response flags of its own replies to a routed request: no healthy upstream, connection
+failure, overflow, retries exhausted, connection terminated, reset, timeout, stream duration,
+protocol error, no cluster, DNS failure."""
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own replies to a routed request, in OpenAI's error shape.
+
+    Such a reply never passes through an ext_proc filter, so Envoy renders it itself, saying which
+    target failed the way the ext_proc words an upstream's non-OpenAI error body. Other local
+    replies (the ext_proc's own answers among them) are left alone.
+    """
+    target = f"%DYNAMIC_METADATA({METADATA_NS}:{HEADER_TARGET})%"
+    return {
+        "mappers": [
+            {
+                "filter": {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}},
+                "body_format_override": {
+                    "json_format": {
+                        "error": {
+                            "message": f"{target} answered %RESPONSE_CODE%: %LOCAL_REPLY_BODY%",
+                            "type": "upstream_error",
+                            "param": None,
+                            "code": "%RESPONSE_CODE%",
+                        }
+                    }
+                },
+            }
+        ]
+    }
+
+
 def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap (as a dict) for a compiled routing table."""
     route = _route()
@@ -325,6 +393,7 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
                 }
             ],
         },
+        "local_reply_config": _local_reply_config(),
         "http_filters": [
             _ext_proc(ROLE_ROUTER, settings),
             {
@@ -378,6 +447,7 @@ def bootstrap(table: RoutingTable, settings: EnvoySettings) -> dict[str, Any]:
     if settings.xds_dir:
         config["node"] = {"id": NODE_ID, "cluster": NODE_ID}
     config["admin"] = {"address": _address(settings.admin_address, settings.admin_port)}
+    config["layered_runtime"] = {"layers": [{"name": "vmrouter", "static_layer": RUNTIME}]}
     if settings.xds_dir:
         # Envoy reloads the file when an entry of the directory is renamed into place; our writer
         # renames a finished temporary file over cds.yaml, so Envoy never reads a partial file.

@@ -1,12 +1,14 @@
 """Per-stream processing: what the router-level and upstream-level ext_proc streams do.
 
 This module owns the meaning of each ext_proc phase. A client request opens one *router* stream
-(request headers and body, then the final response) and one *upstream* stream per attempt. The
-router stream resolves the model and writes the attempt plan; each upstream stream rewrites its
-attempt for its target and reports the attempt's status back into the plan. They share one
-``RequestContext``, found through the ``io.vmrouter.request`` dynamic metadata that Envoy forwards
-to the upstream streams. Protocol mechanics (the stream loop, gRPC) live in ``servicer``;
-protobuf encoding lives in ``envoy``.
+(request headers and body only) and one *upstream* stream per attempt (request headers, response
+headers, and the answering attempt's response body). The router stream resolves the model and
+writes the attempt plan; each upstream stream rewrites its attempt for its target, reports the
+attempt's status back into the plan, and, for the attempt that answers the client, handles the
+response (``response``). They share one ``RequestContext``, found through the
+``io.vmrouter.request`` dynamic metadata that Envoy forwards to the upstream streams; the router
+stream lasts until the request ends, and its end reports whatever the response did not. Protocol
+mechanics (the stream loop, gRPC) live in ``servicer``; protobuf encoding lives in ``envoy``.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from urllib.parse import urlsplit
 
 from extproc import envoy
 from extproc.envoy_config import (
+    HEADER_SERVED_MODEL,
+    HEADER_VIRTUAL_MODEL,
     INTERNAL_HEADER_PREFIX,
     MAX_ATTEMPTS,
+    METADATA_NS,
     PRIORITY_GROUP_NS,
     REQUEST_NS,
     RETRY_HEADER,
 )
 from extproc.errors import GatewayError, InvalidRequest, error_body
 from extproc.health import HealthTracker, parse_retry_after
-from extproc.observe import Recorder, ResponseFacts
+from extproc.observe import Recorder
 from extproc.request import (
     EXPLAIN_HEADER,
     METADATA_HEADER,
@@ -48,22 +53,17 @@ from extproc.request import (
     upstream_path,
     wants_usage_injection,
 )
+from extproc.response import body_mode, finish, inspect, reply_fields, settle_unanswered
 from extproc.routing.attempts import AttemptPlan, Step, build_slots
 from extproc.routing.explain import Explanation
 from extproc.routing.model import Operation, Target
 from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable, VirtualModel
-from extproc.sse import StreamObserver, usage_of
+from extproc.sse import StreamObserver
 from extproc.state import MemoryStickyStore, RedisStickyStore, StickyStore
 from extproc.sync import HealthSync
 from extproc.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-
-HEADER_VIRTUAL_MODEL = "x-gateway-virtual-model"
-HEADER_TARGET = "x-gateway-target"
-HEADER_SERVED_MODEL = "x-gateway-served-model"
-HEADER_ATTEMPTS = "x-gateway-attempts"
-METADATA_NS = "io.vmrouter"
 
 
 def models_list_body(table: RoutingTable) -> bytes:
@@ -183,8 +183,12 @@ class RequestContext:
     """The request's trace span while it is open."""
     sticky_session: str | None = None
     """The session key when the virtual model is sticky and the request carries identifiers."""
-    explanation: Explanation | None = None
-    """Filled when the client sent ``x-gateway-explain: 1``."""
+    observer: StreamObserver | None = None
+    """Reads the answering stream's chunks (first token, usage) while they pass."""
+    answering: int | None = None
+    """Envoy's attempt number whose response goes to the client, once that is decided."""
+    finished: bool = False
+    """Whether the request has been reported (``response.finish``)."""
 
     @property
     def virtual_model(self) -> VirtualModel:
@@ -202,7 +206,7 @@ def _error_response(exc: GatewayError) -> envoy.ProcessingResponse:
 
 
 class RouterStream:
-    """The router-level filter's stream: resolve, plan, then decorate the final response."""
+    """The router-level filter's stream: resolve and plan; its end is the request's end."""
 
     def __init__(self, runtime: Runtime) -> None:
         """Bind to the shared runtime."""
@@ -213,52 +217,16 @@ class RouterStream:
         self.query = ""
         self.context: RequestContext | None = None
         self.answered_locally = False
-        self.observer: StreamObserver | None = None
-        self.finished = False
 
     def close(self) -> None:
-        """Report what is left and forget the request once its router stream ends."""
+        """The request ended: report what its response did not, then forget the request."""
         context = self.context
         if context is None:
             return
-        if not self.finished:
-            self._finish(context, completed=False)
+        if not context.finished:
+            settle_unanswered(context.plan, self.runtime.clock())
+            finish(self.runtime, context, completed=False)
         self.runtime.requests.pop(context.request_id, None)
-
-    def _finish(
-        self,
-        context: RequestContext,
-        *,
-        completed: bool,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        response_model: str | None = None,
-    ) -> None:
-        self.finished = True
-        observer = self.observer
-        facts = ResponseFacts(
-            completed=completed,
-            ended_at=self.runtime.clock(),
-            prompt_tokens=observer.prompt_tokens if observer else prompt_tokens,
-            completion_tokens=observer.completion_tokens if observer else completion_tokens,
-            first_token_at=observer.first_token_at if observer else None,
-            response_model=response_model,
-        )
-        self.runtime.recorder.finished(context, facts)
-        last = context.plan.last
-        if (
-            completed
-            and context.sticky_session is not None
-            and last is not None
-            and last.status is not None
-            and last.status < 400
-        ):
-            # The session (re)sticks to whichever target served it, with a fresh TTL.
-            sticky = context.virtual_model.sticky
-            assert sticky is not None
-            self.runtime.spawn(
-                self.runtime.sticky.set(context.sticky_session, last.target.key, sticky.ttl_s)
-            )
 
     async def handle(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
         """Answer one message of the router stream."""
@@ -272,10 +240,6 @@ class RouterStream:
                     return self._request_headers(request.request_headers)
                 case "request_body":
                     return await self._request_body(request.request_body)
-                case "response_headers":
-                    return self._response_headers(request.response_headers)
-                case "response_body":
-                    return self._response_body(request.response_body)
                 case _:
                     return envoy.continue_response(kind or "request_headers")
         except GatewayError as exc:
@@ -348,11 +312,13 @@ class RouterStream:
             managed_headers=frozenset(managed),
             inject_usage=wants_usage_injection(body, self.operation),
             sticky_session=session,
-            explanation=explanation,
         )
         runtime.requests[request_id] = context
         self.context = context
         runtime.recorder.decided(context)
+        reply = {HEADER_VIRTUAL_MODEL: decision.virtual_model.name, **reply_fields(context.plan)}
+        if explanation is not None:
+            reply[EXPLAIN_HEADER] = explanation.compact()
         return envoy.request_body_response(
             set_headers=[
                 ("x-envoy-max-retries", str(len(slots) - 1)),
@@ -365,107 +331,9 @@ class RouterStream:
             dynamic_metadata={
                 **attempt_groups(context.plan),
                 REQUEST_NS: {"request_id": request_id},
+                METADATA_NS: reply,
             },
         )
-
-    def _gateway_headers(self, context: RequestContext) -> list[tuple[str, str]]:
-        headers = [(HEADER_VIRTUAL_MODEL, context.virtual_model.name)]
-        last = context.plan.last
-        if last is not None:
-            headers.append((HEADER_TARGET, last.target.key))
-            headers.append((HEADER_SERVED_MODEL, last.target.model.upstream_model))
-        headers.append((HEADER_ATTEMPTS, context.plan.summary()))
-        if context.explanation is not None:
-            headers.append((EXPLAIN_HEADER, context.explanation.compact()))
-        return headers
-
-    def _response_headers(self, message: Any) -> envoy.ProcessingResponse:
-        context = self.context
-        if context is None:
-            return envoy.response_headers_response()
-        headers = envoy.decode_headers(message)
-        status = int(headers.get(":status", "0") or 0)
-        plan = context.plan
-        last = plan.last
-        if last is not None and last.status is None:
-            # The final attempt got no response through the upstream filter: Envoy answered.
-            last.label = plan.unanswered_label(last, self.runtime.clock())
-            last.status = status
-        elif last is not None and not plan.done and status >= 500:
-            # The plan wanted another attempt that never reached us: its connection failed.
-            plan.failed_without_response(last.attempt + 1, self.runtime.clock(), status)
-        self.runtime.recorder.settled_failures(context)
-        body_mode = None
-        remove = [RETRY_HEADER]
-        if message.end_of_stream:
-            self._finish(context, completed=True)
-        elif context.stream and 200 <= status < 300:
-            # Stream the body through us chunk by chunk: nothing is buffered, and we can read the
-            # first-token time and the usage chunk (and strip it if we asked for it).
-            body_mode = envoy.BODY_STREAMED
-            remove.append("content-length")
-            self.observer = StreamObserver(strip_usage=context.inject_usage)
-        return envoy.response_headers_response(
-            set_headers=self._gateway_headers(context),
-            remove_headers=remove,
-            body_mode=body_mode,
-        )
-
-    def _response_body(self, message: Any) -> envoy.ProcessingResponse:
-        context = self.context
-        if context is None or self.finished:
-            return envoy.response_body_response()
-        observer = self.observer
-        if observer is not None:
-            now = self.runtime.clock()
-            replacement = observer.feed(bytes(message.body), now)
-            if message.end_of_stream:
-                tail = observer.finish()
-                if tail:
-                    replacement = (replacement if replacement is not None else message.body) + tail
-                self._finish(context, completed=True)
-            return envoy.response_body_response(replace_body=replacement, streamed=True)
-        if not message.end_of_stream:
-            return envoy.response_body_response()
-        inspected = _inspect_response(bytes(message.body), context)
-        self._finish(
-            context,
-            completed=True,
-            prompt_tokens=inspected.prompt_tokens,
-            completion_tokens=inspected.completion_tokens,
-            response_model=inspected.served_model,
-        )
-        set_headers = (
-            [(HEADER_SERVED_MODEL, inspected.served_model)] if inspected.served_model else None
-        )
-        return envoy.response_body_response(
-            set_headers=set_headers, replace_body=inspected.replacement
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Inspected:
-    served_model: str | None
-    replacement: bytes | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-
-
-def _inspect_response(body: bytes, context: RequestContext) -> _Inspected:
-    """Read a buffered response once: served model, usage, and an OpenAI-shaped error if needed."""
-    last = context.plan.last
-    status = last.status if last is not None and last.status is not None else 200
-    try:
-        decoded = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        decoded = None
-    prompt, completion, served = usage_of(decoded)
-    replacement = None
-    if status >= 400 and not (isinstance(decoded, dict) and isinstance(decoded.get("error"), dict)):
-        target = last.target.key if last is not None else "upstream"
-        text = body.decode("utf-8", "replace").strip()[:500] or "no body"
-        replacement = error_body(f"{target} answered {status}: {text}", "upstream_error", status)
-    return _Inspected(served, replacement, prompt, completion)
 
 
 class _MethodNotAllowed(GatewayError):
@@ -475,7 +343,7 @@ class _MethodNotAllowed(GatewayError):
 
 
 class UpstreamStream:
-    """An upstream-level filter's stream: one attempt of one request."""
+    """An upstream-level filter's stream: one attempt of one request, and its response."""
 
     def __init__(self, runtime: Runtime) -> None:
         """Bind to the shared runtime."""
@@ -492,11 +360,15 @@ class UpstreamStream:
         kind = request.WhichOneof("request")
         if self.answered_locally:
             return envoy.continue_response(kind or "request_headers")
-        if kind == "request_headers":
-            return await self._request_headers(request)
-        if kind == "response_headers":
-            return self._response_headers(request.response_headers)
-        return envoy.continue_response(kind or "request_headers")
+        match kind:
+            case "request_headers":
+                return await self._request_headers(request)
+            case "response_headers":
+                return self._response_headers(request.response_headers)
+            case "response_body":
+                return self._response_body(request.response_body)
+            case _:
+                return envoy.continue_response(kind or "request_headers")
 
     async def _request_headers(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
         headers = envoy.decode_headers(request.request_headers)
@@ -515,17 +387,7 @@ class UpstreamStream:
         plan = context.plan
         step, delay = plan.begin(self.attempt, self.runtime.clock())
         if step is Step.STOP:
-            # Envoy retried on its own (a connection failure) after the plan ended.
-            self.answered_locally = True
-            last = plan.last
-            status = last.status if last is not None and last.status else 503
-            failed = last.target.key if last is not None else "upstream"
-            label = last.label if last is not None else "no attempt"
-            return envoy.immediate_response(
-                status,
-                error_body(f"{failed} failed ({label})", "upstream_error", status),
-                details="vmrouter_plan_exhausted",
-            )
+            return self._plan_exhausted(context)
         target = plan.slots[plan.schedule[self.attempt]]
         if delay > 0:
             await asyncio.sleep(delay)
@@ -538,7 +400,40 @@ class UpstreamStream:
             set_headers=set_headers,
             remove_headers=remove_headers,
             replace_body=body,
-            dynamic_metadata={METADATA_NS: {"content_length": str(len(body))}},
+            dynamic_metadata={
+                METADATA_NS: {"content_length": str(len(body)), **reply_fields(plan)}
+            },
+        )
+
+    def _plan_exhausted(self, context: RequestContext) -> envoy.ProcessingResponse:
+        """Envoy started an attempt the plan has no slot for: answer it locally.
+
+        Envoy retries on its own after a refused connection, a reset or a timeout, even once the
+        plan has ended; the client then gets the last failure. If the attempt whose response was
+        going to the client broke off while we were reading its body (none of it had reached the
+        client yet), the client gets a 504 when it ran out of time, else a 502.
+        """
+        self.answered_locally = True
+        plan = context.plan
+        last = plan.last
+        if last is None:
+            status, message = 503, "upstream failed (no attempt)"
+        elif context.answering is not None:
+            vm_timeout = context.virtual_model.attempt_timeout_ms
+            timeout_s = min(vm_timeout, self.runtime.table.first_byte_timeout_ms) / 1000
+            started = last.sent_at if last.sent_at is not None else last.started
+            timed_out = self.runtime.clock() - started >= timeout_s
+            status = 504 if timed_out else 502
+            how = "timed out" if timed_out else "broke off"
+            message = f"{last.target.key} answered {last.label}, but its response {how}"
+        else:
+            status = last.status or 503
+            message = f"{last.target.key} failed ({last.label})"
+        return envoy.immediate_response(
+            status,
+            error_body(message, "upstream_error", status),
+            details="vmrouter_plan_exhausted",
+            dynamic_metadata={METADATA_NS: reply_fields(plan)},
         )
 
     def _response_headers(self, message: Any) -> envoy.ProcessingResponse:
@@ -558,10 +453,58 @@ class UpstreamStream:
             if status == 429:
                 record.retry_after_s = parse_retry_after(headers.get("retry-after"))
         self.runtime.recorder.settled_failures(context)
-        if not again:
-            return envoy.response_headers_response()
+        reply = {METADATA_NS: reply_fields(plan)}
+        if again:
+            return envoy.response_headers_response(
+                set_headers=[(RETRY_HEADER, "1")],
+                dynamic_metadata={**attempt_groups(plan), **reply},
+            )
+        # This response goes to the client (a provider's own x-vm-retry must not retry it).
+        context.answering = self.attempt
+        if message.end_of_stream:
+            finish(self.runtime, context, completed=True)
+            return envoy.response_headers_response(
+                remove_headers=[RETRY_HEADER], dynamic_metadata=reply
+            )
+        mode = body_mode(context, status)
+        remove = [RETRY_HEADER]
+        if mode == envoy.BODY_STREAMED:
+            # Chunks pass through us one by one: we note the first token and read the usage
+            # chunk (and strip it if we asked for it), so Envoy must not keep a content-length.
+            remove.append("content-length")
+            context.observer = StreamObserver(strip_usage=context.inject_usage)
         return envoy.response_headers_response(
-            set_headers=[(RETRY_HEADER, "1")], dynamic_metadata=attempt_groups(plan)
+            remove_headers=remove, body_mode=mode, dynamic_metadata=reply
+        )
+
+    def _response_body(self, message: Any) -> envoy.ProcessingResponse:
+        context = self.context
+        if context is None or context.answering != self.attempt or context.finished:
+            return envoy.response_body_response()
+        observer = context.observer
+        if observer is not None:
+            replacement = observer.feed(bytes(message.body), self.runtime.clock())
+            if message.end_of_stream:
+                tail = observer.finish()
+                if tail:
+                    replacement = (replacement if replacement is not None else message.body) + tail
+                finish(self.runtime, context, completed=True)
+            return envoy.response_body_response(replace_body=replacement, streamed=True)
+        if not message.end_of_stream:
+            return envoy.response_body_response()
+        inspected = inspect(bytes(message.body), context)
+        served = inspected.served_model
+        finish(
+            self.runtime,
+            context,
+            completed=True,
+            prompt_tokens=inspected.prompt_tokens,
+            completion_tokens=inspected.completion_tokens,
+            response_model=served,
+        )
+        return envoy.response_body_response(
+            replace_body=inspected.replacement,
+            dynamic_metadata={METADATA_NS: {HEADER_SERVED_MODEL: served}} if served else None,
         )
 
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.stack import Stack
+from tests.integration.stack import Stack, wait_until
 
 pytestmark = pytest.mark.envoy
 
@@ -150,3 +150,5 @@ def test_fallback_stream_broken_midway_never_looks_complete(gw: Stack) -> None:
     assert b"tok0" in received
     assert b"[DONE]" not in received
     assert gw.received("b") == []  # bytes reached the client: no fallback after that
+    # No message tells the ext_proc: the request's end (its router stream closing) reports it.
+    wait_until(lambda: gw.runtime.health.failures("a/m1") == 1, 5, "the broken attempt's report")

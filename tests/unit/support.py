@@ -5,8 +5,9 @@
 - ``health_tracker``, ``observe_failures``, ``observe_tpot``, ``plans``, ``primaries``: a real
   health model fed by hand, and what ``resolve`` plans with it.
 - ``headers_message``, ``body_message``, ``client_headers``, ``SyncRouter``, ``start_attempt``,
-  ``upstream_status``, ``router_status``, ``request_id_of``: real ext_proc protobuf messages
-  for driving the router-level and upstream-level streams the way Envoy does.
+  ``upstream_status``, ``upstream_body``, ``request_id_of``: real ext_proc protobuf messages
+  for driving the router-level and upstream-level streams the way Envoy does (the router stream
+  sees the request; each attempt's stream sees its response).
 
 Fixtures stay in the test modules: each module compiles its own ``CONFIG`` into ``table``.
 """
@@ -192,17 +193,10 @@ def upstream_status(
     return asyncio.run(upstream.handle(message))
 
 
-def router_status(
-    router: RouterStream,
-    status: int,
-    content_type: str = "application/json",
-    *,
-    end_of_stream: bool = False,
+def upstream_body(
+    upstream: UpstreamStream, body: bytes, *, end_of_stream: bool = True
 ) -> pb.ProcessingResponse:
-    """Send the final response headers (``:status``, ``content-type``) to the router stream."""
-    message = headers_message(
-        "response_headers",
-        [(":status", str(status)), ("content-type", content_type)],
-        end_of_stream=end_of_stream,
+    """Send a response body message (a whole buffered body, or one streamed chunk) upstream."""
+    return asyncio.run(
+        upstream.handle(body_message("response_body", body, end_of_stream=end_of_stream))
     )
-    return router.handle(message)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from extproc.__main__ import main as cli
 from extproc.config import load_config
 from extproc.envoy_config import (
+    GATEWAY_HEADERS,
+    METADATA_NS,
     EnvoySettings,
     bootstrap,
     cds_document,
@@ -58,6 +61,67 @@ def test_envoy_config_https_provider_gets_tls_with_sni() -> None:
         "typed_config"
     ]["route_config"]["virtual_hosts"][0]["routes"][0]
     assert route["route"]["retry_policy"]["per_try_idle_timeout"] == "45s"
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    return dict(hcm["typed_config"])
+
+
+def _ext_proc(filters: list[dict[str, Any]]) -> dict[str, Any]:
+    [ext_proc] = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
+    return dict(ext_proc["typed_config"])
+
+
+def test_envoy_config_router_filter_sees_requests_and_upstream_filter_responses() -> None:
+    config = bootstrap(table_from_yaml(TLS_CONFIG), EnvoySettings())
+    router = _ext_proc(_hcm(config)["http_filters"])
+    assert router["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+    assert "allow_mode_override" not in router
+    cluster = config["static_resources"]["clusters"][0]
+    options = cluster["typed_extension_protocol_options"]
+    upstream = _ext_proc(
+        options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["http_filters"]
+    )
+    assert upstream["processing_mode"]["response_header_mode"] == "SEND"
+    assert upstream["processing_mode"]["response_body_mode"] == "NONE"
+    # The response_headers reply picks the body mode; sending the body without waiting for that
+    # reply would silently disable every mode_override.
+    assert upstream["allow_mode_override"] is True
+    assert "send_body_without_waiting_for_header_response" not in upstream
+
+
+def test_envoy_config_route_renders_the_gateway_headers_from_metadata() -> None:
+    config = bootstrap(table_from_yaml(TLS_CONFIG), EnvoySettings())
+    route = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]
+    added = {h["header"]["key"]: h for h in route["response_headers_to_add"]}
+    assert list(added) == list(GATEWAY_HEADERS)
+    for name, option in added.items():
+        assert option["header"]["value"] == f"%DYNAMIC_METADATA({METADATA_NS}:{name})%"
+        assert option["append_action"] == "OVERWRITE_IF_EXISTS_OR_ADD"
+    assert route["response_headers_to_remove"] == ["x-vm-retry"]
+
+
+def test_envoy_config_envoy_local_replies_are_openai_errors() -> None:
+    config = bootstrap(table_from_yaml(TLS_CONFIG), EnvoySettings())
+    [mapper] = _hcm(config)["local_reply_config"]["mappers"]
+    assert {"UH", "UF", "URX", "UT"} <= set(mapper["filter"]["response_flag_filter"]["flags"])
+    error = mapper["body_format_override"]["json_format"]["error"]
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "%RESPONSE_CODE%"
+    assert error["message"].startswith(f"%DYNAMIC_METADATA({METADATA_NS}:x-gateway-target)%")
+    # Envoy 1.40 crashes when an upstream-level ext_proc stream passes its gRPC watermark.
+    [layer] = config["layered_runtime"]["layers"]
+    assert layer["static_layer"] == {
+        "envoy.reloadable_features.grpc_side_stream_flow_control": False
+    }
 
 
 def test_envoy_config_https_provider_validates(tmp_path: Path) -> None:

@@ -22,9 +22,9 @@ from tests.unit.support import (
     body_message,
     client_headers,
     headers_message,
-    router_status,
     start_attempt,
     table_from_yaml,
+    upstream_body,
     upstream_status,
 )
 
@@ -160,9 +160,8 @@ def run_success(runtime: Runtime, clock: FakeClock) -> RouterStream:
     upstream = attempt(runtime, request_id, 1)
     clock.now += 0.4  # headers at 100.5
     upstream_status(upstream, 200)
-    router_status(router, 200)
     clock.now += 1.5  # body ends at 102.0: 1.9 s after the attempt was sent
-    router.handle(body_message("response_body", ANSWER))
+    upstream_body(upstream, ANSWER)
     router.close()
     return router
 
@@ -185,14 +184,13 @@ def test_observe_success_tpot_lands_in_configured_windows(clock: FakeClock) -> N
     table = table_from_yaml(config)
     assert table.tpot_windows == frozenset({30.0})
     runtime = Runtime(table, rng=Random(1), clock=clock, telemetry=Telemetry(prometheus=True))
-    router, request_id = start(runtime, CHAT_REQUEST)
+    _, request_id = start(runtime, CHAT_REQUEST)
     target = runtime.requests[request_id].decision.primary.key
     clock.now += 0.5
     upstream = attempt(runtime, request_id, 1)
     upstream_status(upstream, 200)
-    router_status(router, 200)
     clock.now += 2.0
-    router.handle(body_message("response_body", ANSWER))
+    upstream_body(upstream, ANSWER)
     assert runtime.health.tpot(target, 30.0) == (pytest.approx(2.0 / 5), 1)
 
 
@@ -305,22 +303,19 @@ def body_of(reply: Any) -> bytes | None:
 
 
 def test_observe_stream_ttft_tpot_and_stripped_usage(runtime: Runtime, clock: FakeClock) -> None:
-    router, request_id = start(runtime, {**CHAT_REQUEST, "stream": True})
+    _, request_id = start(runtime, {**CHAT_REQUEST, "stream": True})
     clock.now += 0.1  # sent at 100.1
     upstream = attempt(runtime, request_id, 1)
     clock.now += 0.2
     upstream_status(upstream, 200)
-    router_status(router, 200, "text/event-stream")
     clock.now += 0.2
-    first = router.handle(
-        body_message("response_body", delta("", role="assistant"), end_of_stream=False)
-    )
+    first = upstream_body(upstream, delta("", role="assistant"), end_of_stream=False)
     assert body_of(first) is None
     clock.now += 0.1  # first token at 100.6: TTFT 0.5 s
-    router.handle(body_message("response_body", delta("Hel"), end_of_stream=False))
+    upstream_body(upstream, delta("Hel"), end_of_stream=False)
     clock.now += 1.0  # ends at 101.6: duration 1.5 s
     rest = delta("lo") + STREAM_USAGE + sse("[DONE]")
-    last = router.handle(body_message("response_body", rest))
+    last = upstream_body(upstream, rest)
     assert body_of(last) == delta("lo") + sse("[DONE]")  # the usage chunk we asked for is removed
     expected_tpot = (1.5 - 0.5) / (5 - 1)
     assert runtime.health.tpot(ALPHA, WINDOW) == (pytest.approx(expected_tpot), 1)
@@ -348,9 +343,8 @@ def test_observe_failed_attempt_then_fallback(runtime: Runtime, clock: FakeClock
     second = attempt(runtime, request_id, 2)
     clock.now += 0.2
     upstream_status(second, 200)
-    router_status(router, 200)
     clock.now += 1.0
-    router.handle(body_message("response_body", ANSWER))
+    upstream_body(second, ANSWER)
     router.close()
     assert runtime.health.failures(ALPHA) == 1
     assert runtime.health.failures(BETA) == 0
@@ -403,9 +397,9 @@ def test_observe_failures_put_target_into_cooldown_and_gauge_shows_it(
     for _ in range(3):
         router, request_id = start(runtime, CHAT_REQUEST)
         upstream_status(attempt(runtime, request_id, 1), 503)
-        upstream_status(attempt(runtime, request_id, 2), 200)
-        router_status(router, 200)
-        router.handle(body_message("response_body", ANSWER))
+        second = attempt(runtime, request_id, 2)
+        upstream_status(second, 200)
+        upstream_body(second, ANSWER)
         router.close()
     assert not runtime.health.available(ALPHA)
     text = prometheus(runtime)
@@ -423,9 +417,9 @@ def test_observe_429_retry_after_cools_the_target(runtime: Runtime, clock: FakeC
     upstream_status(attempt(runtime, request_id, 1), 429, ("retry-after", "7"))
     assert runtime.health.failures(ALPHA) == 1
     assert runtime.health.cooldown_remaining(ALPHA) == pytest.approx(7.0)
-    upstream_status(attempt(runtime, request_id, 2), 200)
-    router_status(router, 200)
-    router.handle(body_message("response_body", ANSWER))
+    second = attempt(runtime, request_id, 2)
+    upstream_status(second, 200)
+    upstream_body(second, ANSWER)
     router.close()
     text = prometheus(runtime)
     assert (
@@ -441,7 +435,6 @@ def test_observe_429_retry_after_cools_the_target(runtime: Runtime, clock: FakeC
 def test_observe_broken_response_counts_as_failure(runtime: Runtime, clock: FakeClock) -> None:
     router, request_id = start(runtime, CHAT_REQUEST)
     upstream_status(attempt(runtime, request_id, 1), 200)
-    router_status(router, 200)
     router.close()  # the router stream ended before the body did
     assert runtime.health.failures(ALPHA) == 1
     assert runtime.health.tpot(ALPHA, WINDOW) == (None, 0)
@@ -506,8 +499,7 @@ def test_recorder_traces_a_request_span_with_one_child_per_attempt(clock: FakeCl
     upstream_status(first, 503)
     second = attempt(rt, request_id, 2)
     upstream_status(second, 200)
-    router_status(router, 200)
-    router.handle(body_message("response_body", b'{"model": "upstream-b"}'))
+    upstream_body(second, b'{"model": "upstream-b"}')
     router.close()
     spans = exporter.get_finished_spans()
     request = next(s for s in spans if s.name == "vmrouter.request")

@@ -25,9 +25,9 @@ from tests.unit.support import (
     client_headers,
     headers_message,
     request_id_of,
-    router_status,
     start_attempt,
     table_from_yaml,
+    upstream_body,
     upstream_status,
 )
 
@@ -110,6 +110,13 @@ def removed_headers(response: pb.ProcessingResponse) -> list[str]:
 
 def metadata(response: pb.ProcessingResponse) -> dict[str, Any]:
     return json_format.MessageToDict(response.dynamic_metadata)
+
+
+def reply_headers(response: pb.ProcessingResponse) -> dict[str, str]:
+    """The gateway response headers a reply publishes (the route renders them for the client)."""
+    published = dict(metadata(response).get(METADATA_NS, {}))
+    published.pop("content_length", None)
+    return published
 
 
 def groups(response: pb.ProcessingResponse) -> list[str]:
@@ -359,7 +366,14 @@ def test_router_stream_body_sets_routing_headers_and_attempt_groups(runtime: Run
     assert headers["x-envoy-max-retries"] == "2"
     assert headers["x-envoy-upstream-rq-per-try-timeout-ms"] == "30000"
     assert groups(reply) == ["provider_openai", "provider_openai", "provider_onprem"]
-    assert set(metadata(reply)) == {PRIORITY_GROUP_NS, REQUEST_NS}
+    assert set(metadata(reply)) == {PRIORITY_GROUP_NS, REQUEST_NS, METADATA_NS}
+    # Should Envoy answer before any attempt reaches us, the first one's connection failed.
+    assert reply_headers(reply) == {
+        "x-gateway-virtual-model": "prod/chat",
+        "x-gateway-target": "openai/gpt-4o",
+        "x-gateway-served-model": "gpt-4o-2024-08-06",
+        "x-gateway-attempts": "openai/gpt-4o:connect-error",
+    }
     assert request_id in runtime.requests
     assert router.context is runtime.requests[request_id]
 
@@ -419,7 +433,14 @@ def test_upstream_stream_rewrites_first_attempt_for_its_target(runtime: Runtime)
     assert "x-client-trace" in removed_headers(first)
     assert "x-client-trace" not in headers
     raw = first.request_headers.response.body_mutation.body
-    assert metadata(first) == {METADATA_NS: {"content_length": str(len(raw))}}
+    assert set(metadata(first)) == {METADATA_NS}
+    assert metadata(first)[METADATA_NS]["content_length"] == str(len(raw))
+    # Should Envoy answer before this attempt does, it timed out.
+    assert reply_headers(first) == {
+        "x-gateway-target": "openai/gpt-4o",
+        "x-gateway-served-model": "gpt-4o-2024-08-06",
+        "x-gateway-attempts": "openai/gpt-4o:timeout",
+    }
 
 
 def test_upstream_stream_query_string_is_kept_on_provider_path(runtime: Runtime) -> None:
@@ -481,34 +502,44 @@ def test_upstream_stream_retry_status_sets_retry_header_and_groups(runtime: Runt
     assert retry.WhichOneof("response") == "response_headers"
     assert set_headers(retry) == {RETRY_HEADER: "1"}
     assert groups(retry) == ["provider_openai", "provider_openai", "provider_onprem"]
+    assert not retry.HasField("mode_override")  # Envoy drops this response: no body for us
+    # Should the retry never reach us, its connection failed.
+    assert reply_headers(retry)["x-gateway-attempts"] == (
+        "openai/gpt-4o:503,openai/gpt-4o:connect-error"
+    )
     _, second = start_attempt(runtime, request_id, 2)
     assert set_headers(second)[":authority"] == "api.openai.com"
 
 
-def test_upstream_stream_success_sets_no_retry_header(runtime: Runtime) -> None:
-    _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
-    assert_passthrough(upstream_status(upstream, 200), "response_headers")
-
-
-def test_upstream_stream_terminal_status_sets_no_retry_header(runtime: Runtime) -> None:
-    _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
-    assert_passthrough(upstream_status(upstream, 400), "response_headers")
+def test_upstream_stream_final_status_sets_no_retry_header(runtime: Runtime) -> None:
+    for status in (200, 400):
+        _, reply = start(runtime, CHAT_BODY)
+        upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+        final = upstream_status(upstream, status, (RETRY_HEADER, "1"))
+        assert set_headers(final) == {}
+        # A provider's own x-vm-retry must not make Envoy retry the answer.
+        assert removed_headers(final) == [RETRY_HEADER]
+        assert final.mode_override.response_body_mode == envoy.BODY_BUFFERED
 
 
 def test_upstream_stream_attempt_after_plan_ended_is_answered_locally(runtime: Runtime) -> None:
     _, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
     upstream, _ = start_attempt(runtime, request_id, 1)
-    upstream_status(upstream, 400)
-    late, stopped = start_attempt(runtime, request_id, 2)
+    upstream_status(upstream, 503)
+    upstream, _ = start_attempt(runtime, request_id, 2)
+    upstream_status(upstream, 503)
+    # Envoy retries a refused connection on its own: the plan has no slot for attempt 4.
+    late, stopped = start_attempt(runtime, request_id, 4)
     status, body = immediate(stopped)
-    assert status == 400
+    assert status == 503
     assert body["error"]["type"] == "upstream_error"
-    assert "openai/gpt-4o" in body["error"]["message"]
+    assert body["error"]["message"] == "onprem/llama failed (connect-error)"
     assert stopped.immediate_response.details == "vmrouter_plan_exhausted"
-    follow = asyncio.run(late.handle(headers_message("response_headers", [(":status", "400")])))
+    assert reply_headers(stopped)["x-gateway-attempts"] == (
+        "openai/gpt-4o:503,openai/gpt-4o:503,onprem/llama:connect-error"
+    )
+    follow = asyncio.run(late.handle(headers_message("response_headers", [(":status", "503")])))
     assert_passthrough(follow, "response_headers")
 
 
@@ -560,103 +591,135 @@ def test_upstream_stream_retry_on_same_target_waits_its_delay(
     assert sent_body(second)["model"] == "gpt-4o-2024-08-06"
 
 
-# --- the final response ------------------------------------------------------------------------
+# --- the final response (on the answering attempt's upstream stream) -------------------------
 
 
-def test_router_stream_response_headers_report_the_attempts(runtime: Runtime) -> None:
+def test_upstream_stream_final_response_publishes_the_gateway_headers(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
     upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 503)
     upstream, _ = start_attempt(runtime, request_id, 2)
-    upstream_status(upstream, 200)
-    final = router_status(router, 200)
+    final = upstream_status(upstream, 200)
     assert final.WhichOneof("response") == "response_headers"
-    assert set_headers(final) == {
-        "x-gateway-virtual-model": "prod/chat",
+    assert reply_headers(final) == {
         "x-gateway-target": "openai/gpt-4o",
         "x-gateway-served-model": "gpt-4o-2024-08-06",
         "x-gateway-attempts": "openai/gpt-4o:503,openai/gpt-4o:200",
     }
-    assert removed_headers(final) == [RETRY_HEADER]
-    assert not final.HasField("mode_override")
+    assert set(metadata(final)) == {METADATA_NS}  # the attempt order stays as it is
+    # mode_override replaces the filter's whole processing mode: every field is set.
+    mode = final.mode_override
+    assert mode.response_body_mode == envoy.BODY_BUFFERED
+    assert mode.request_header_mode == pb.ProcessingMode.SEND
+    assert mode.response_header_mode == pb.ProcessingMode.SEND
+    assert mode.request_body_mode == pb.ProcessingMode.NONE
+    assert mode.request_trailer_mode == pb.ProcessingMode.SKIP
+    assert mode.response_trailer_mode == pb.ProcessingMode.SKIP
+    router.close()
 
 
-def test_router_stream_response_headers_after_fallback_name_the_last_target(
+def test_upstream_stream_final_response_after_fallback_names_the_last_target(
+    runtime: Runtime,
+) -> None:
+    _, reply = start(runtime, CHAT_BODY)
+    request_id = request_id_of(reply)
+    upstream, _ = start_attempt(runtime, request_id, 1)
+    upstream_status(upstream, 403)
+    upstream, _ = start_attempt(runtime, request_id, 2)
+    assert reply_headers(upstream_status(upstream, 200)) == {
+        "x-gateway-target": "onprem/llama",
+        "x-gateway-served-model": "meta-llama/Llama-3.1-8B-Instruct",
+        "x-gateway-attempts": "openai/gpt-4o:403,onprem/llama:200",
+    }
+
+
+def test_upstream_stream_explain_and_virtual_model_are_published_once(runtime: Runtime) -> None:
+    _, reply = start(runtime, CHAT_BODY, extra=[("x-gateway-explain", "1")])
+    published = reply_headers(reply)
+    assert published["x-gateway-virtual-model"] == "prod/chat"
+    assert "plan=openai/gpt-4o,onprem/llama" in published["x-gateway-explain"]
+    # Later replies merge into the same namespace: they only update what changes.
+    upstream, first = start_attempt(runtime, request_id_of(reply), 1)
+    final = upstream_status(upstream, 200)
+    for later in (first, final):
+        assert "x-gateway-virtual-model" not in reply_headers(later)
+        assert "x-gateway-explain" not in reply_headers(later)
+
+
+def test_router_stream_end_without_an_answer_settles_the_attempt_as_timeout(
+    runtime: Runtime,
+) -> None:
+    router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
+    request_id = request_id_of(reply)
+    _, first = start_attempt(runtime, request_id, 1)
+    assert reply_headers(first)["x-gateway-attempts"] == "openai/gpt-4o:timeout"
+    context = runtime.requests[request_id]
+    router.close()  # Envoy answered 504 itself; the request is over
+    assert context.plan.summary() == "openai/gpt-4o:timeout"
+    assert context.finished
+    assert runtime.health.failures("openai/gpt-4o") == 1
+
+
+def test_router_stream_end_after_a_retry_that_never_arrived_is_connect_error(
     runtime: Runtime,
 ) -> None:
     router, reply = start(runtime, CHAT_BODY)
     request_id = request_id_of(reply)
     upstream, _ = start_attempt(runtime, request_id, 1)
-    upstream_status(upstream, 403)
-    upstream, _ = start_attempt(runtime, request_id, 2)
-    upstream_status(upstream, 200)
-    headers = set_headers(router_status(router, 200))
-    assert headers["x-gateway-target"] == "onprem/llama"
-    assert headers["x-gateway-served-model"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert headers["x-gateway-attempts"] == "openai/gpt-4o:403,onprem/llama:200"
-
-
-def test_router_stream_final_attempt_without_upstream_response_is_timeout(
-    runtime: Runtime,
-) -> None:
-    router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
-    start_attempt(runtime, request_id_of(reply), 1)
-    clock = runtime.clock
-    assert isinstance(clock, FakeClock)
-    clock.now += 600.0  # past the attempt timeout
-    headers = set_headers(router_status(router, 504))
-    assert headers["x-gateway-attempts"] == "openai/gpt-4o:timeout"
-
-
-def test_router_stream_released_attempt_that_fails_fast_is_connect_error(
-    runtime: Runtime,
-) -> None:
-    # Envoy runs the upstream filter while it connects: a refused connection can follow our reply.
-    router, reply = start(runtime, json_body(model="openai/gpt-4o", messages=[]))
-    start_attempt(runtime, request_id_of(reply), 1)
-    clock = runtime.clock
-    assert isinstance(clock, FakeClock)
-    clock.now += 0.005
-    headers = set_headers(router_status(router, 503))
-    assert headers["x-gateway-attempts"] == "openai/gpt-4o:connect-error"
-
-
-def test_router_stream_retry_that_never_reached_us_is_connect_error(runtime: Runtime) -> None:
-    router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 503)
-    headers = set_headers(router_status(router, 503))
-    assert headers["x-gateway-attempts"] == "openai/gpt-4o:503,openai/gpt-4o:connect-error"
+    context = runtime.requests[request_id]
+    router.close()
+    assert context.plan.summary() == "openai/gpt-4o:503,openai/gpt-4o:connect-error"
+    assert runtime.health.failures("openai/gpt-4o") == 2
 
 
-def test_router_stream_response_body_names_the_served_model(runtime: Runtime) -> None:
+def test_upstream_stream_response_body_names_the_served_model(runtime: Runtime) -> None:
     router, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    request_id = request_id_of(reply)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 200)
-    router_status(router, 200)
     answer = json_body(id="c1", object="chat.completion", model="gpt-4o-2024-08-06-mini")
-    final = router.handle(body_message("response_body", answer))
+    final = upstream_body(upstream, answer)
     assert final.WhichOneof("response") == "response_body"
-    assert set_headers(final) == {"x-gateway-served-model": "gpt-4o-2024-08-06-mini"}
+    assert reply_headers(final) == {"x-gateway-served-model": "gpt-4o-2024-08-06-mini"}
     assert not final.response_body.response.HasField("body_mutation")
+    assert runtime.requests[request_id].finished
+    router.close()
 
 
-def test_router_stream_response_body_chunks_before_the_end_pass(runtime: Runtime) -> None:
-    router, reply = start(runtime, CHAT_BODY)
+def test_upstream_stream_response_body_without_model_publishes_nothing(runtime: Runtime) -> None:
+    _, reply = start(runtime, CHAT_BODY)
     upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 200)
-    router_status(router, 200)
-    chunk = router.handle(body_message("response_body", b'{"model":', end_of_stream=False))
+    assert_passthrough(upstream_body(upstream, b'{"object": "chat.completion"}'), "response_body")
+
+
+def test_upstream_stream_response_body_chunks_before_the_end_pass(runtime: Runtime) -> None:
+    _, reply = start(runtime, CHAT_BODY)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream_status(upstream, 200)
+    chunk = upstream_body(upstream, b'{"model":', end_of_stream=False)
     assert_passthrough(chunk, "response_body")
 
 
-def test_router_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None:
-    router, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
+def test_upstream_stream_response_without_body_finishes_at_headers(runtime: Runtime) -> None:
+    _, reply = start(runtime, CHAT_BODY)
+    request_id = request_id_of(reply)
+    upstream, _ = start_attempt(runtime, request_id, 1)
+    message = headers_message("response_headers", [(":status", "204")], end_of_stream=True)
+    final = asyncio.run(upstream.handle(message))
+    assert not final.HasField("mode_override")
+    assert reply_headers(final)["x-gateway-attempts"] == "openai/gpt-4o:204"
+    assert runtime.requests[request_id].finished
+
+
+def test_upstream_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None:
+    _, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
     upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
-    assert_passthrough(upstream_status(upstream, 502), "response_headers")
-    router_status(router, 502)
-    final = router.handle(body_message("response_body", b"<html>Bad Gateway</html>\n"))
+    final_headers = upstream_status(upstream, 502)
+    assert final_headers.mode_override.response_body_mode == envoy.BODY_BUFFERED
+    final = upstream_body(upstream, b"<html>Bad Gateway</html>\n")
     common = final.response_body.response
     assert common.HasField("body_mutation")
     new_body = common.body_mutation.body
@@ -671,55 +734,86 @@ def test_router_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None
     assert set_headers(final) == {"content-length": str(len(new_body))}
 
 
-def test_router_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> None:
-    router, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
+def test_upstream_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> None:
+    _, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
     upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
     upstream_status(upstream, 500)
-    router_status(router, 500)
     error = json_body(error={"message": "boom", "type": "server_error"})
-    final = router.handle(body_message("response_body", error))
-    assert_passthrough(final, "response_body")
+    assert_passthrough(upstream_body(upstream, error), "response_body")
 
 
-def test_router_stream_stream_request_streams_the_body_through(runtime: Runtime) -> None:
+def test_upstream_stream_successful_stream_streams_the_body_through(runtime: Runtime) -> None:
     body = json_body(model="prod-chat", messages=[], stream=True)
-    router, reply = start(runtime, body)
+    _, reply = start(runtime, body)
     upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
-    upstream_status(upstream, 200)
-    final = router_status(router, 200)
-    assert final.HasField("mode_override")
+    final = upstream_status(upstream, 200)
     assert final.mode_override.response_body_mode == envoy.BODY_STREAMED
-    assert "content-length" in final.response_headers.response.header_mutation.remove_headers
-    assert set_headers(final)["x-gateway-target"] == "openai/gpt-4o"
+    assert final.mode_override.response_header_mode == pb.ProcessingMode.SEND
+    assert "content-length" in removed_headers(final)
+    assert reply_headers(final)["x-gateway-target"] == "openai/gpt-4o"
 
 
-def test_router_stream_body_mode_is_kept_without_stream(runtime: Runtime) -> None:
-    router, reply = start(runtime, CHAT_BODY)
+def test_upstream_stream_failed_stream_buffers_the_error_body(runtime: Runtime) -> None:
+    body = json_body(model="onprem/llama", messages=[], stream=True)
+    _, reply = start(runtime, body)
     upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    final = upstream_status(upstream, 400)
+    assert final.mode_override.response_body_mode == envoy.BODY_BUFFERED
+
+
+def test_upstream_stream_only_the_answering_attempt_reads_a_body(runtime: Runtime) -> None:
+    _, reply = start(runtime, CHAT_BODY)
+    request_id = request_id_of(reply)
+    first, _ = start_attempt(runtime, request_id, 1)
+    upstream_status(first, 503)
+    second, _ = start_attempt(runtime, request_id, 2)
+    upstream_status(second, 200)
+    assert_passthrough(upstream_body(first, b"<html>late</html>"), "response_body")
+    assert not runtime.requests[request_id].finished
+
+
+@pytest.mark.parametrize(
+    ("waited", "status", "how"), [(1.0, 502, "broke off"), (30.0, 504, "timed out")]
+)
+def test_upstream_stream_answer_broken_before_the_client_saw_it(
+    runtime: Runtime, waited: float, status: int, how: str
+) -> None:
+    clock = runtime.clock
+    assert isinstance(clock, FakeClock)
+    router, reply = start(runtime, CHAT_BODY)
+    request_id = request_id_of(reply)
+    upstream, _ = start_attempt(runtime, request_id, 1)
     upstream_status(upstream, 200)
-    assert not router_status(router, 200).HasField("mode_override")
+    # The body broke off (a reset) or ran out of time (prod/chat: attempt_timeout_ms 30000) while
+    # Envoy still held the response for us: Envoy retries, and the plan has no slot for that.
+    clock.now += waited
+    _, stopped = start_attempt(runtime, request_id, 2)
+    code, body = immediate(stopped)
+    assert code == status
+    assert body["error"]["message"] == f"openai/gpt-4o answered 200, but its response {how}"
+    assert reply_headers(stopped)["x-gateway-attempts"] == "openai/gpt-4o:200"
+    router.close()
+    assert runtime.health.failures("openai/gpt-4o") == 1  # a broken answer is a failure
 
 
 def test_router_stream_passes_everything_after_an_immediate_response(runtime: Runtime) -> None:
     router = SyncRouter(runtime)
     reply = router.handle(headers_message("request_headers", client_headers("/v1/nope")))
     assert immediate(reply)[0] == 404
-    # Envoy sends our local reply back through the response path: it must pass untouched.
-    assert_passthrough(router_status(router, 404), "response_headers")
-    local_body = body_message("response_body", reply.immediate_response.body)
-    assert_passthrough(router.handle(local_body), "response_body")
     assert_passthrough(router.handle(body_message("request_body", b"{}")), "request_body")
     assert runtime.requests == {}
 
 
-def test_router_stream_passes_response_after_body_error(runtime: Runtime) -> None:
-    router, reply = start(runtime, b"{broken")
-    assert immediate(reply)[0] == 400
-    assert_passthrough(router_status(router, 400), "response_headers")
-    assert_passthrough(router.handle(body_message("response_body", b"x")), "response_body")
-
-
-def test_router_stream_response_without_context_passes(runtime: Runtime) -> None:
-    router = SyncRouter(runtime)
-    assert_passthrough(router_status(router, 200), "response_headers")
+def test_router_stream_response_messages_pass(runtime: Runtime) -> None:
+    # The router-level filter skips the response phases; should it get one, it changes nothing.
+    router, _ = start(runtime, CHAT_BODY)
+    status = headers_message("response_headers", [(":status", "200")])
+    assert_passthrough(router.handle(status), "response_headers")
     assert_passthrough(router.handle(body_message("response_body", b"{}")), "response_body")
+    router.close()
+
+
+def test_upstream_stream_response_without_context_passes(runtime: Runtime) -> None:
+    upstream = UpstreamStream(runtime)
+    assert_passthrough(upstream_status(upstream, 200), "response_headers")
+    assert_passthrough(upstream_body(upstream, b"{}"), "response_body")

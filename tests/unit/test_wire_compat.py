@@ -315,6 +315,31 @@ def test_wire_compat_helper_responses_round_trip() -> None:
     assert headers.mode_override is not None  # present even though NONE is the zero value
     assert headers.mode_override.response_body_mode == envoy_filter.ProcessingModeBodySendMode.NONE
 
+    # mode_override replaces Envoy's whole processing mode: every field must say what we mean.
+    reply = {"io.vmrouter": {"x-gateway-attempts": "a/m1:200"}}
+    streamed = _parse_response(
+        envoy.response_headers_response(body_mode=envoy.BODY_STREAMED, dynamic_metadata=reply)
+    )
+    send, skip = (
+        envoy_filter.ProcessingModeHeaderSendMode.SEND,
+        (envoy_filter.ProcessingModeHeaderSendMode.SKIP),
+    )
+    mode = streamed.mode_override
+    assert (mode.request_header_mode, mode.response_header_mode) == (send, send)
+    assert mode.request_body_mode == envoy_filter.ProcessingModeBodySendMode.NONE
+    assert mode.response_body_mode == envoy_filter.ProcessingModeBodySendMode.STREAMED
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (skip, skip)
+    assert streamed.dynamic_metadata.to_dict() == reply
+
+    stopped = _parse_response(envoy.immediate_response(502, b"{}", dynamic_metadata=reply))
+    assert stopped.immediate_response.status.code == 502
+    assert stopped.dynamic_metadata.to_dict() == reply
+
+    served = {"io.vmrouter": {"x-gateway-served-model": "gpt-4o-2024-08-06"}}
+    body_reply = _parse_response(envoy.response_body_response(dynamic_metadata=served))
+    assert body_reply.response_body is not None
+    assert body_reply.dynamic_metadata.to_dict() == served
+
     replaced = _parse_response(envoy.response_body_response(replace_body=b"abc"))
     mutation = replaced.response_body.response
     assert mutation.body_mutation.body == b"abc"
