@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from extproc.config import load_config
 from extproc.envoy_config import (
@@ -44,6 +46,28 @@ def _drain_flag(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, let requests in flight finish for at most this long (default "
         f"{DEFAULT_DRAIN_SECONDS:g}); a second signal stops at once",
     )
+
+
+LOOPS = ("uvloop", "asyncio")
+
+
+def _loop_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="event loop: uvloop (default; about a sixth less CPU per ext_proc message when "
+        "requests arrive one at a time) or Python's own asyncio loop",
+    )
+
+
+def _run(main: Coroutine[Any, Any, int], loop: str) -> int:
+    """Run ``main`` to completion on the chosen event loop."""
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "--transport",
         choices=("h2", "grpcio"),
         default="h2",
-        help="gRPC server: h2 (our HTTP/2 server, the fast default) or grpcio (grpc.aio)",
+        help="gRPC server: h2 (our HTTP/2 server, the fast default) or grpcio (grpc.aio, always "
+        "on the asyncio loop)",
     )
+    _loop_flag(serve)
     _drain_flag(serve)
 
     explain = sub.add_parser("explain", help="print the decision a request would get now, and why")
@@ -107,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=10000)
     run.add_argument("--admin-port", type=int, default=9901)
     run.add_argument("--extproc-port", type=int, default=50051)
+    _loop_flag(run)
     _drain_flag(run)
 
     gen = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a gateway config")
@@ -141,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             from extproc.server import ServeOptions
             from extproc.server import serve as serve_forever
 
-            return asyncio.run(
+            # grpc.aio brings its own event-loop integration: keep it on asyncio's loop.
+            loop = "asyncio" if args.transport == "grpcio" else args.loop
+            return _run(
                 serve_forever(
                     ServeOptions(
                         config=args.config,
@@ -153,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                         metrics_listen=args.metrics_listen or None,
                         transport=args.transport,
                     )
-                )
+                ),
+                loop,
             )
         if args.command == "run":
             from extproc.launcher import StackOptions, run_stack
@@ -165,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 extproc_port=args.extproc_port,
                 drain_seconds=args.drain_seconds,
             )
-            return asyncio.run(run_stack(options))
+            return _run(run_stack(options), args.loop)
         if args.command == "envoy-config":
             if args.write_cds and not args.xds_dir:
                 parser.error("--write-cds needs --xds-dir")
