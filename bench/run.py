@@ -18,7 +18,8 @@ its PID in a ``finally`` block. What runs:
     default group points at the mock). Always measured: every ratio is relative to it.
   * **router**: Envoy + ``python -m extproc serve`` with ``bench/gateway.yaml`` (weight-,
     priority- and latency-based virtual models, overrides, telemetry on); ``router-grpcio`` is
-    the same with ``--transport grpcio`` (grpc.aio instead of our HTTP/2 server).
+    the same with ``--transport grpcio`` (grpc.aio instead of our HTTP/2 server), ``router-uds``
+    the same over a Unix socket instead of loopback TCP.
   * **naive-aio**, **naive-sync**, **naive-h2**: the floor's Envoy plus one router-level ext_proc
     filter (request headers SEND, request body BUFFERED, response headers SEND) pointing at
     ``bench/naive_extproc.py`` (the issue's naive ext_proc: parse the body, set a fixed ``model``)
@@ -34,7 +35,7 @@ requests with ``"stream": true``) on every setup. See docs/performance.md for ho
 output.
 
     .venv/bin/python bench/run.py [--quick] [--rounds 3 --duration 10] [--profile 15] [--out F]
-        [--setups floor,router,naive-aio,naive-sync,naive-h2,router-grpcio]
+        [--setups floor,router,naive-aio,naive-sync,naive-h2,router-grpcio,router-uds]
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ SETUPS = {
     "floor": "floor (Envoy alone)",
     "router": "router (ours, h2)",
     "router-grpcio": "router-grpcio (ours, grpc.aio)",
+    "router-uds": "router-uds (ours, h2, Unix socket)",
     "naive-aio": "naive-aio (grpc.aio)",
     "naive-sync": "naive-sync (grpcio sync)",
     "naive-h2": "naive-h2 (h2grpc)",
@@ -91,6 +93,8 @@ NAIVE_SERVERS = {"naive-aio": "aio", "naive-sync": "sync", "naive-h2": "h2"}
 """The naive setups and their ``bench/naive_extproc.py --server`` flavour."""
 NAIVE_MODEL = "naive-upstream-model"
 """The model bench/naive_extproc.py writes into every request (UPSTREAM_MODEL there)."""
+ROUTERS = ("router", "router-grpcio", "router-uds")
+"""The setups that run our ext_proc (with its own bootstrap from ``envoy-config``)."""
 COMPARE = ("router", "naive-aio")
 """Issue 7: "our full router must beat the naive one"; this pair gets its own line."""
 
@@ -105,6 +109,25 @@ def extproc_name(setup: str) -> str | None:
     if setup == "floor":
         return None
     return "extproc" if setup == "router" else f"{setup}-extproc"
+
+
+def extproc_address(setup: str, ports: dict[str, int], workdir: Path) -> str:
+    """Where a setup's ext_proc listens: loopback TCP, or a Unix socket for ``router-uds``."""
+    if setup == "router-uds":
+        return str(workdir / "router-uds.sock")
+    return f"127.0.0.1:{ports[f'{setup}_extproc']}"
+
+
+def listening(address: str) -> bool:
+    """Whether something accepts connections on ``host:port`` or a Unix socket path."""
+    if address.startswith("/"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(address)
+            except OSError:
+                return False
+            return True
+    return port_open(int(address.rpartition(":")[2]))
 
 
 def sut_names(setup: str) -> list[str]:
@@ -429,7 +452,7 @@ def gateway_config(source: Path, mock_port: int, dest: Path) -> dict[str, Any]:
 
 
 def router_bootstrap(
-    gateway: Path, dest: Path, port: int, admin_port: int, extproc_port: int
+    gateway: Path, dest: Path, port: int, admin_port: int, extproc: str
 ) -> dict[str, Any]:
     """``python -m extproc envoy-config`` for the router's Envoy, as a dict."""
     subprocess.run(
@@ -449,7 +472,7 @@ def router_bootstrap(
             "--admin-port",
             str(admin_port),
             "--extproc",
-            f"127.0.0.1:{extproc_port}",
+            extproc,
             "-o",
             str(dest),
         ],
@@ -1443,7 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
             ports[f"{setup}_admin"] = free_port()
             if setup != "floor":
                 ports[f"{setup}_extproc"] = free_port()
-        for setup in ("router", "router-grpcio"):
+        for setup in ROUTERS:
             # the floor is built from the router's bootstrap, so it always gets its ports
             ports.setdefault(setup, free_port())
             ports.setdefault(f"{setup}_admin", free_port())
@@ -1483,9 +1506,9 @@ def main(argv: list[str] | None = None) -> int:
                 workdir / f"{setup}-bootstrap.yaml",
                 ports[setup],
                 ports[f"{setup}_admin"],
-                ports[f"{setup}_extproc"],
+                extproc_address(setup, ports, workdir),
             )
-            for setup in ("router", "router-grpcio")
+            for setup in ROUTERS
             if setup in setups or setup == "router"
         }
         floor_cfg = floor_config(router_cfgs["router"], ports["floor"], ports["floor_admin"])
@@ -1499,7 +1522,7 @@ def main(argv: list[str] | None = None) -> int:
             name = extproc_name(setup)
             if name is None:
                 continue
-            listen = f"127.0.0.1:{ports[f'{setup}_extproc']}"
+            listen = extproc_address(setup, ports, workdir)
             if setup in NAIVE_SERVERS:
                 argv = [
                     sys.executable,
@@ -1528,8 +1551,8 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             extprocs[setup] = stack.start(name, argv, args.sut_cpu, env=env)
         for setup, proc in extprocs.items():
-            port = ports[f"{setup}_extproc"]
-            wait_for(f"{setup} ext_proc", lambda port=port: port_open(port), proc)
+            address = extproc_address(setup, ports, workdir)
+            wait_for(f"{setup} ext_proc", lambda address=address: listening(address), proc)
         envoy_cfgs = {
             setup: router_cfgs[setup]
             if setup in router_cfgs
