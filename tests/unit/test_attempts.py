@@ -462,3 +462,28 @@ def test_attempt_plan_custom_codes_second_target_ends_on_unlisted_code() -> None
     assert plan.done
     assert plan.schedule == [0, 2]
     assert plan.clusters() == [CLUSTER_A, CLUSTER_B]
+
+
+def test_unanswered_attempt_label_tells_a_refused_connection_from_a_timeout() -> None:
+    # Envoy runs the upstream filter while it connects: an attempt we released can still have
+    # had its connection refused. Only how long it lasted tells the two apart.
+    plan = AttemptPlan(slots=build_slots(_plan_targets("defaults"), 10), timeout_s=2.0)
+    plan.begin(0, 100.0)
+    assert plan.unanswered_label(plan.records[-1], 100.5) == "connect-error"  # never released
+    plan.mark_sent(100.0)
+    assert plan.unanswered_label(plan.records[-1], 100.01) == "connect-error"
+    assert plan.unanswered_label(plan.records[-1], 101.7) == "connect-error"
+    assert plan.unanswered_label(plan.records[-1], 101.81) == "timeout"  # past 90% of 2 s
+    plan.begin(1, 100.02)  # Envoy's retry settles attempt 0 as it was: a quick failure
+    assert plan.records[0].label == "connect-error"
+    assert plan.records[0].status == FAILED_STATUS
+    plan.mark_sent(100.02)
+    plan.begin(2, 102.5)
+    assert plan.records[1].label == "timeout"
+
+
+def test_unanswered_attempt_label_without_a_known_timeout_calls_a_released_one_timeout() -> None:
+    plan = _plan("defaults")
+    plan.begin(0, 100.0)
+    plan.mark_sent(100.0)
+    assert plan.unanswered_label(plan.records[-1], 100.001) == "timeout"
