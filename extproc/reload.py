@@ -69,7 +69,7 @@ def in_use_clusters(runtime: Runtime) -> set[str]:
     return {
         target.model.provider.cluster
         for context in list(runtime.requests.values())
-        for target in context.decision.plan
+        for target in context.decision.plan.members()  # no need to draw the plans' order
     }
 
 

@@ -3,8 +3,10 @@
 This module owns the mapping from a requested model name to a ``RoutingDecision``: which virtual
 model it means, which category (for category-based routing), and the ordered plan of targets to
 try. Everything the hot path needs is computed here once per config load (name index,
-strategies, compiled category patterns, provider auth headers); ``resolve`` only looks up,
-filters (metadata, health, SLA, fallback eligibility), calls the strategy and applies stickiness.
+strategies, compiled category patterns, provider auth headers); ``resolve`` only looks up, takes
+the route's health snapshot (``routing.eligibility``: eligible and held targets and the strategy's
+prepared order, cached until health changes), makes the request's random draws (SLA probes, the
+order, drawn lazily by ``routing.draw``) and applies stickiness and fallback eligibility.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
 from types import MappingProxyType
@@ -30,12 +32,18 @@ from extproc.config import (
 )
 from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
+from extproc.routing.draw import Group, Plan, draw, fixed, order_all, plan_of
+from extproc.routing.eligibility import RouteCache, Snapshot, View
 from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
 from extproc.routing.priority import PriorityStrategy
 from extproc.routing.strategy import NO_HEALTH, HealthView, Strategy, build_strategy
 
 log = logging.getLogger(__name__)
+
+EAGER_PLAN = 12
+"""Plans with at most this many fallback candidates are drawn whole when resolved; longer ones
+draw their later targets when first read (see ``routing.draw.Plan``)."""
 
 OPERATION_LABEL: Mapping[str, str] = MappingProxyType(
     {"chat": "chat completions", "completion": "completions", "embedding": "embeddings"}
@@ -45,7 +53,7 @@ OPERATION_LABEL: Mapping[str, str] = MappingProxyType(
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Route:
     """Targets and the strategy ordering them: a virtual model has one, or one per category."""
 
@@ -56,6 +64,12 @@ class Route:
     """Lower-cased words (whole-word match) or phrases with spaces (substring match)."""
     patterns: tuple[re.Pattern[str], ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    cache: RouteCache = field(init=False, repr=False)
+    """Health snapshots of this route (mutable state on an immutable route: see eligibility)."""
+
+    def __post_init__(self) -> None:
+        """Attach the route's snapshot cache."""
+        object.__setattr__(self, "cache", RouteCache(self.strategy, self.targets))
 
     def matches(self, request: RequestFacts) -> str | None:
         """Why this category matches the request, or None (the default category never 'matches')."""
@@ -153,8 +167,9 @@ class RoutingDecision:
     """What the router decided for one request."""
 
     virtual_model: VirtualModel
-    plan: tuple[Target, ...]
-    """Targets in the order to try: the primary first, then fallback candidates."""
+    plan: Plan
+    """Targets in the order to try: the primary first, then fallback candidates. A sequence whose
+    later targets are drawn when first read; ``plan.members()`` gives them all without drawing."""
     category: str | None = None
     sticky_hit: bool = False
     """The primary is the session's sticky target."""
@@ -236,13 +251,15 @@ class RoutingTable:
                 f" (it serves: {', '.join(sorted(vm.model_types))}).",
                 param="model",
             )
-        route = vm.routes[-1]
+        routes = vm.routes
+        route = routes[-1]
         reason = "default"
-        for candidate in vm.routes[:-1]:
-            why = candidate.matches(request)
-            if why is not None:
-                route, reason = candidate, why
-                break
+        if len(routes) > 1:
+            for candidate in routes[:-1]:
+                why = candidate.matches(request)
+                if why is not None:
+                    route, reason = candidate, why
+                    break
         if explain is not None:
             explain.virtual_model = vm.name
             explain.strategy = route.strategy.name
@@ -250,92 +267,158 @@ class RoutingTable:
             if route.category is not None:
                 explain.category, explain.category_reason = route.category, reason
             explain.candidates = [t.key for t in route.targets]
-        matched: list[Target] = []
-        unconditioned: list[Target] = []
-        for target in route.targets:
-            if not target.metadata_match:
-                unconditioned.append(target)
-            elif all(request.metadata.get(k) == v for k, v in target.metadata_match.items()):
-                matched.append(target)
-            elif explain is not None:
-                wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
-                explain.drop(target.key, f"metadata_match {wanted} does not match")
-        ordered: list[Target] = []
-        held: list[Target] = []
-        for pool_name, pool in (("metadata match", matched), ("unconditioned", unconditioned)):
-            if not pool:
-                continue
-            eligible: list[Target] = []
-            for target in pool:
-                (eligible if self._usable(target, health, rng, explain) else held).append(target)
-            if explain is not None:
-                explain.pools.append((pool_name, [t.key for t in eligible]))
-                explain.scores.update(route.strategy.explain(eligible, health))
-            if eligible:
-                ordered.extend(route.strategy.order(eligible, health, rng))
-        if not ordered and not held:
-            raise NoTargetAvailable(
-                f"No target of '{vm.name}' matches the request metadata.", param="model"
-            )
-        held.sort(key=lambda t: (health.cooldown_remaining(t.key), health.failures(t.key)))
-        if explain is not None and held and not ordered:
-            explain.notes.append("every target is unhealthy: trying the least bad one")
-        sticky_hit = False
+        cache = route.cache
+        key = cache.pool_key(request.metadata)
+        snap = cache.snapshot(key, health)
+        view: View = snap
+        probed: tuple[Target, ...] = ()
+        if snap.probes:
+            # Over its SLA: skipped, except for a small probe share that keeps measuring it.
+            ratio = self.sla_probe_ratio
+            probed = tuple(t for t in snap.probes if rng.random() < ratio)
+            if probed:
+                view = snap.with_probes(probed, cache, health)
+        if explain is not None:
+            _explain_filters(route, key, snap, view, probed, health, explain)
         sticky = request.sticky_target
+        if not view.eligible:
+            if not view.held:
+                raise NoTargetAvailable(
+                    f"No target of '{vm.name}' matches the request metadata.", param="model"
+                )
+            if explain is not None:
+                explain.notes.append("every target is unhealthy: trying the least bad one")
+                if sticky is not None:
+                    explain.sticky = (
+                        f"session stuck to {sticky}, which is not eligible now: routing normally"
+                    )
+                _explain_plan(list(view.held), explain)
+            assert view.fixed_plan is not None  # held targets alone come in a fixed order
+            return RoutingDecision(vm, Plan(view.fixed_plan), route.category)
+        stuck: Target | None = None
         if sticky is not None:
-            stuck = next((t for t in ordered if t.key == sticky), None)
-            if stuck is not None:
-                ordered.remove(stuck)
-                ordered.insert(0, stuck)
-                sticky_hit = True
+            found = view.sticky(sticky)
+            if found is True:
+                return self._ambiguous_sticky(vm, route, view, sticky, rng, health, explain)
+            stuck = found if isinstance(found, Target) else None
             if explain is not None:
                 explain.sticky = (
                     f"session stuck to {sticky}"
                     if stuck is not None
                     else f"session stuck to {sticky}, which is not eligible now: routing normally"
                 )
-        ordered.extend(held)
-        plan = (ordered[0], *(t for t in ordered[1:] if t.fallback_candidate))
-        if explain is not None:
-            for target in ordered[1:]:
-                if not target.fallback_candidate:
-                    explain.drop(target.key, "fallback_candidate: false (never a fallback)")
-            explain.plan = [t.key for t in plan]
-        return RoutingDecision(
-            virtual_model=vm, plan=plan, category=route.category, sticky_hit=sticky_hit
-        )
-
-    def _usable(
-        self, target: Target, health: HealthView, rng: Random, explain: Explanation | None
-    ) -> bool:
-        if not health.available(target.key):
+        elif explain is None and view.fixed_plan is not None:
+            return RoutingDecision(vm, Plan(view.fixed_plan), route.category)
+        groups: Sequence[Group] | None = view.groups
+        if groups is None:
+            groups = _groups(view, route.strategy, health, rng)
+        if len(view.candidates) <= EAGER_PLAN:
+            # A short plan is drawn whole: cheaper than drawing it on demand.
+            full = order_all(groups, rng, stuck)
+            if stuck is not None:
+                full.insert(0, stuck)
             if explain is not None:
+                _explain_plan(full, explain)
+            return RoutingDecision(vm, Plan(plan_of(full)), route.category, stuck is not None)
+        source = draw(groups, rng, stuck)
+        first = stuck if stuck is not None else next(source)
+        if explain is not None:
+            full = [first, *source]
+            _explain_plan(full, explain)
+            plan = Plan(plan_of(full))
+        else:
+            plan = Plan([first], source, view.candidates)
+        return RoutingDecision(vm, plan, route.category, stuck is not None)
+
+    def _ambiguous_sticky(
+        self,
+        vm: VirtualModel,
+        route: Route,
+        view: View,
+        sticky: str,
+        rng: Random,
+        health: HealthView,
+        explain: Explanation | None,
+    ) -> RoutingDecision:
+        """The sticky key is eligible more than once in one pool: the first drawn one wins."""
+        ordered = order_all(_groups(view, route.strategy, health, rng, held=False), rng)
+        stuck = next(t for t in ordered if t.key == sticky)
+        ordered.remove(stuck)
+        full = [stuck, *ordered, *view.held]
+        if explain is not None:
+            explain.sticky = f"session stuck to {sticky}"
+            _explain_plan(full, explain)
+        plan = Plan((full[0], *(t for t in full[1:] if t.fallback_candidate)))
+        return RoutingDecision(vm, plan, route.category, True)
+
+    def names(self) -> list[str]:
+        """Every name a client may send, sorted."""
+        return sorted(self._models)
+
+
+def _groups(
+    view: View, strategy: Strategy, health: HealthView, rng: Random, held: bool = True
+) -> list[Group]:
+    """The groups one request's order is drawn from: each pool's, then the held targets.
+
+    A pool whose strategy prepared nothing (its order changes with every request) is ordered
+    here, at once, so that it reads health as it is now.
+    """
+    groups: list[Group] = []
+    for pool in view.pools:
+        if not pool.eligible:
+            continue
+        if pool.groups is None:
+            groups.append(fixed(strategy.order(pool.eligible, health, rng)))
+        else:
+            groups.extend(pool.groups)
+    if held and view.held:
+        groups.append(fixed(view.held))
+    return groups
+
+
+def _explain_filters(
+    route: Route,
+    key: tuple[int, ...],
+    snap: Snapshot,
+    view: View,
+    probed: tuple[Target, ...],
+    health: HealthView,
+    explain: Explanation,
+) -> None:
+    """Record the metadata, cooldown and SLA filters, the pools and the strategy's scores."""
+    matched = {id(route.cache.conditioned[i]) for i in key}
+    for target in route.cache.conditioned:
+        if id(target) not in matched:
+            wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
+            explain.drop(target.key, f"metadata_match {wanted} does not match")
+    let_in = set(probed)
+    for pool in view.pools:
+        for target in pool.members:
+            if target in snap.cooling:
                 explain.drop(
                     target.key,
                     f"cooling down ({health.cooldown_remaining(target.key):.1f}s left,"
                     f" {health.failures(target.key)} consecutive failures)",
                 )
-            return False
-        if target.sla_cutoff_s is None:
-            return True
-        mean, _ = health.tpot(target.key, target.sla_window_s)
-        if mean is None or mean <= target.sla_cutoff_s:
-            return True
-        # Over its SLA: skipped, except for a small probe share that keeps measuring it.
-        if rng.random() < self.sla_probe_ratio:
-            if explain is not None:
+            elif target in let_in:
                 explain.notes.append(f"{target.key} is over its SLA but drawn as a probe")
-            return True
-        if explain is not None:
-            explain.drop(
-                target.key,
-                f"over SLA: tpot {mean * 1000:.1f} ms > {target.sla_cutoff_s * 1000:g} ms",
-            )
-        return False
+            elif target in snap.over:
+                cutoff = target.sla_cutoff_s or 0.0
+                explain.drop(
+                    target.key,
+                    f"over SLA: tpot {snap.over[target] * 1000:.1f} ms > {cutoff * 1000:g} ms",
+                )
+        explain.pools.append((pool.name, [t.key for t in pool.eligible]))
+        explain.scores.update(route.strategy.explain(pool.eligible, health))
 
-    def names(self) -> list[str]:
-        """Every name a client may send, sorted."""
-        return sorted(self._models)
+
+def _explain_plan(full: list[Target], explain: Explanation) -> None:
+    """Record the targets dropped for not being fallback candidates, and the plan."""
+    for target in full[1:]:
+        if not target.fallback_candidate:
+            explain.drop(target.key, "fallback_candidate: false (never a fallback)")
+    explain.plan = [full[0].key, *(t.key for t in full[1:] if t.fallback_candidate)]
 
 
 _CLUSTER_SAFE = re.compile(r"[^A-Za-z0-9_.-]")

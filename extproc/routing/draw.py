@@ -1,0 +1,325 @@
+"""Random target orders, drawn lazily: the groups a strategy prepares, and the ``Plan`` sequence.
+
+This module owns *how* a random order is drawn, not *which* order a strategy wants. A strategy
+describes its order for a set of targets as ``Group``s, computed once per set and health state
+(``routing.eligibility`` caches them): a fixed sequence, a uniform shuffle, or a draw by weight
+without replacement. ``draw`` turns groups into one request's order, one target at a time, so a
+request that only ever needs its first few targets (the attempt slots) pays for those only:
+
+* a small group (at most ``SMALL_GROUP`` members) is ordered at once with one random key each
+  (shuffle: ``u``; weighted: ``u ** (1 / weight)``, the Efraimidis-Spirakis keys);
+* a larger shuffle or weighted group draws its first members by rejection (a uniform index, or
+  a bisection of the cumulative weights, drawn again when it hits a member already taken) while
+  the members left hold more than half of the group (of its weight), so a draw costs at most two
+  tries on average; the rest of the group is then ordered at once with one key each. Both halves
+  are the same distribution as drawing every member one by one, because what is left after a
+  prefix of draws without replacement is again a draw without replacement of the rest;
+* a uniform index is ``int(random() * n)``, as ``random.choices`` does, not ``randrange``: its
+  bias is below 2**-40 for any group that fits in memory, and it is several times cheaper.
+
+``Plan`` is the immutable sequence of one decision's targets: the primary is drawn when the plan
+is made, later targets when something first reads them (``build_slots`` reads a handful). Reading
+order never changes what a plan holds, only when its random draws are made.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from random import Random
+from typing import overload
+
+from extproc.routing.model import Target
+
+SMALL_GROUP = 8
+"""Groups up to this size are keyed and sorted whole: cheaper than drawing them one by one."""
+
+
+class Kind(enum.Enum):
+    """How a group's members are ordered for one request."""
+
+    FIXED = "fixed"
+    """In the group's own order, every time."""
+    SHUFFLE = "shuffle"
+    """A uniformly random order."""
+    WEIGHTED = "weighted"
+    """Drawn one by one in proportion to their (positive) weights, without replacement."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Group:
+    """Targets that come out together, in an order of one ``Kind``."""
+
+    kind: Kind
+    items: tuple[Target, ...]
+    weights: tuple[float, ...] = ()
+    """WEIGHTED: each member's weight."""
+    cumulative: tuple[float, ...] = ()
+    """WEIGHTED: running sums of ``weights`` (what bisection draws against)."""
+    exponents: tuple[float, ...] = ()
+    """WEIGHTED: ``1 / weight`` per member, for the keys ``u ** (1 / weight)``."""
+
+
+def fixed(items: Sequence[Target]) -> Group:
+    """The members in this order."""
+    return Group(Kind.FIXED, tuple(items))
+
+
+def shuffled(items: Sequence[Target]) -> Group:
+    """The members in a uniformly random order (fixed when there is only one)."""
+    return Group(Kind.SHUFFLE if len(items) > 1 else Kind.FIXED, tuple(items))
+
+
+def by_weight(items: Sequence[Target]) -> list[Group]:
+    """Positive weights drawn by weight, then zero weights shuffled (the weighted strategy)."""
+    positive = [t for t in items if t.weight > 0]
+    zero = [t for t in items if t.weight <= 0]
+    groups: list[Group] = []
+    if len({t.weight for t in positive}) <= 1:
+        # Equal weights: a draw by weight is a uniform shuffle, which is cheaper to draw.
+        groups.append(shuffled(positive))
+    else:
+        weights = tuple(float(t.weight) for t in positive)
+        running = 0.0
+        cumulative = []
+        for weight in weights:
+            running += weight
+            cumulative.append(running)
+        exponents = tuple(1.0 / w for w in weights)
+        groups.append(Group(Kind.WEIGHTED, tuple(positive), weights, tuple(cumulative), exponents))
+    groups.append(shuffled(zero))
+    return [g for g in groups if g.items]
+
+
+def compact(groups: Iterable[Group]) -> tuple[Group, ...]:
+    """Drop empty groups and merge neighbouring fixed ones (fewer steps per draw)."""
+    out: list[Group] = []
+    for group in groups:
+        if not group.items:
+            continue
+        if group.kind is Kind.FIXED and out and out[-1].kind is Kind.FIXED:
+            out[-1] = Group(Kind.FIXED, out[-1].items + group.items)
+        else:
+            out.append(group)
+    return tuple(out)
+
+
+def is_fixed(groups: Sequence[Group]) -> bool:
+    """Whether the groups always come out in the same order."""
+    return all(g.kind is Kind.FIXED for g in groups)
+
+
+def order_group(group: Group, rng: Random) -> Sequence[Target]:
+    """Every member of one group, in its random order, keyed and sorted at once."""
+    items = group.items
+    kind = group.kind
+    if kind is Kind.FIXED:
+        return items
+    random = rng.random
+    if kind is Kind.SHUFFLE:
+        return sorted(items, key=lambda _: random())
+    exponents = group.exponents
+    keyed = [(random() ** exponents[i], i) for i in range(len(items))]
+    keyed.sort(reverse=True)
+    return [items[i] for _, i in keyed]
+
+
+def order_all(groups: Iterable[Group], rng: Random, skip: Target | None = None) -> list[Target]:
+    """Every member of ``groups`` once, in one request's order, drawn at once (short plans)."""
+    ordered: list[Target] = []
+    for group in groups:
+        ordered.extend(order_group(group, rng))
+    if skip is not None:
+        ordered.remove(skip)  # identity: targets compare by identity
+    return ordered
+
+
+def draw(groups: Iterable[Group], rng: Random, skip: Target | None = None) -> Iterator[Target]:
+    """Every member of ``groups`` once, group after group, each group in its random order.
+
+    ``skip`` is left out wherever it comes (the order of the others is then exactly what it would
+    be without it). Random numbers are drawn as the iterator advances.
+    """
+    random = rng.random
+    for group in groups:
+        items = group.items
+        n = len(items)
+        if group.kind is Kind.FIXED or n <= SMALL_GROUP:
+            for target in order_group(group, rng):
+                if target is not skip:
+                    yield target
+            continue
+        taken: set[int] = set()
+        rest: list[Target]
+        if group.kind is Kind.SHUFFLE:
+            while 2 * len(taken) < n:
+                index = int(random() * n)
+                if index not in taken:
+                    taken.add(index)
+                    if items[index] is not skip:
+                        yield items[index]
+            rest = [t for i, t in enumerate(items) if i not in taken]
+            rest.sort(key=lambda _: random())
+        else:
+            weights = group.weights
+            cumulative = group.cumulative
+            exponents = group.exponents
+            total = cumulative[-1]
+            left = total
+            last = n - 1
+            while 2 * left > total:
+                # hi=last: random() * total may round up to total itself (as in random.choices)
+                index = bisect_right(cumulative, random() * total, 0, last)
+                if index not in taken:
+                    taken.add(index)
+                    left -= weights[index]
+                    if items[index] is not skip:
+                        yield items[index]
+            keyed = [(random() ** exponents[i], i) for i in range(n) if i not in taken]
+            keyed.sort(reverse=True)
+            rest = [items[i] for _, i in keyed]
+        for target in rest:
+            if target is not skip:
+                yield target
+
+
+def plan_of(order: Sequence[Target]) -> tuple[Target, ...]:
+    """The plan of a whole order: its first target, then the fallback candidates among the rest."""
+    rest = order[1:]
+    for target in rest:
+        if not target.fallback_candidate:
+            return (order[0], *(t for t in rest if t.fallback_candidate))
+    return tuple(order)
+
+
+_PULL = threading.Lock()
+"""Serialises drawing a plan's next targets: a generator must not be advanced by two threads."""
+
+
+class Plan(Sequence[Target]):
+    """One decision's targets in the order to try, drawn on first read.
+
+    The first target (the primary) is always drawn. After it, only fallback candidates are kept:
+    ``rest`` yields every remaining target in order, and those with ``fallback_candidate`` false
+    are dropped as they come. ``candidates`` (every fallback candidate the plan holds, in any
+    order) gives the members and the length without drawing: only the order is random.
+    """
+
+    __slots__ = ("_candidates", "_items", "_rest", "_size")
+
+    def __init__(
+        self,
+        items: list[Target] | tuple[Target, ...],
+        rest: Iterator[Target] | None = None,
+        candidates: tuple[Target, ...] | None = None,
+    ) -> None:
+        """Start from ``items`` (the primary first), drawing the others from ``rest``."""
+        if rest is None or candidates is None:
+            self._items: list[Target] | tuple[Target, ...] = tuple(items)
+            self._rest: Iterator[Target] | None = None
+            self._candidates: tuple[Target, ...] | None = None
+            self._size = len(self._items)
+            return
+        items = list(items)
+        primary = items[0]
+        self._items = items
+        self._rest = rest
+        self._candidates = candidates if primary.fallback_candidate else (primary, *candidates)
+        self._size = len(self._candidates)
+
+    @classmethod
+    def of(cls, targets: Iterable[Target]) -> Plan:
+        """A plan of exactly these targets, in this order."""
+        return cls(tuple(targets))
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[Target]:
+        if self._rest is None:
+            return iter(self._items)
+        return self._drawing()
+
+    def _drawing(self) -> Iterator[Target]:
+        items = self._items
+        index = 0
+        while True:
+            if index < len(items):
+                yield items[index]
+                index += 1
+            elif not self._pull(index + 1):
+                return
+            else:
+                items = self._items
+
+    def _pull(self, count: int, weight: Callable[[Target], int] | None = None) -> bool:
+        """Draw until the plan holds ``count`` targets; False if it ends before.
+
+        With ``weight``: until the targets' weights add up to ``count``.
+        """
+        with _PULL:
+            items = self._items
+            rest = self._rest
+            held = len(items) if weight is None else sum(map(weight, items))
+            if held >= count:
+                return True
+            if rest is None:
+                return False
+            assert isinstance(items, list)
+            for target in rest:
+                if target.fallback_candidate:
+                    items.append(target)
+                    held += 1 if weight is None else weight(target)
+                    if held >= count:
+                        return True
+            self._rest = None
+            return False
+
+    def head(self, count: int, weight: Callable[[Target], int] | None = None) -> Sequence[Target]:
+        """The first ``count`` targets (fewer if the plan is shorter), drawing only what is missing.
+
+        With ``weight``: as many targets as it takes for their weights to add up to ``count``.
+        """
+        if self._rest is not None:
+            self._pull(count, weight)
+        if weight is None:
+            return self._items[:count]
+        return self._items
+
+    def _all(self) -> tuple[Target, ...]:
+        if self._rest is not None:
+            self._pull(self._size)
+        return tuple(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> Target: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Target, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Target | tuple[Target, ...]:
+        if isinstance(index, int) and 0 <= index < len(self._items):
+            return self._items[index]
+        return self._all()[index]
+
+    def members(self) -> tuple[Target, ...]:
+        """The plan's targets in no particular order, without drawing the rest of the order."""
+        if self._candidates is not None and self._rest is not None:
+            return self._candidates
+        return self._all()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Plan):
+            return self._all() == other._all()
+        if isinstance(other, tuple):
+            return self._all() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return f"Plan({[t.key for t in self._all()]!r})"
