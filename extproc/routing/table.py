@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
 from types import MappingProxyType
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from extproc.config import (
@@ -26,12 +27,14 @@ from extproc.config import (
     GatewayConfig,
     HealthConfig,
     ProviderConfig,
+    RoundRobinRouting,
     StateConfig,
     TargetConfig,
     TargetRoutingConfig,
 )
 from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
+from extproc.memory import gc_paused
 from extproc.routing.draw import Group, Plan, draw, fixed, order_all, plan_of
 from extproc.routing.eligibility import RouteCache, Snapshot, View
 from extproc.routing.explain import Explanation
@@ -461,22 +464,84 @@ def compile_provider(cfg: ProviderConfig, environ: Mapping[str, str]) -> Provide
     )
 
 
-def _compile_target(cfg: TargetConfig, model: CatalogModel) -> Target:
+_ATOMS = (str, int, float, bool, type(None))
+
+
+class _Shared:
+    """Equal immutable pieces of one compiled config, made once and shared by every target.
+
+    At 10,000 virtual models most targets repeat the same retry policy, status-code sets, empty
+    mappings and header lists: sharing them saves both compile time and memory (several hundred
+    bytes per target). Mappings are shared only when every value is a plain scalar, compared
+    with its type and ``repr`` so that ``1``, ``1.0``, ``True`` and ``-0.0``, equal in Python
+    but not in the JSON sent upstream, never stand in for one another.
+    """
+
+    def __init__(self) -> None:
+        self._codes: dict[tuple[int, ...], frozenset[int]] = {}
+        self._retries: dict[RetryPolicy, RetryPolicy] = {}
+        self._tuples: dict[tuple[object, ...], tuple[object, ...]] = {}
+        self._mappings: dict[tuple[tuple[str, type, str], ...], Mapping[str, Any]] = {}
+        self._strategies: dict[tuple[object, ...], Strategy] = {}
+
+    def codes(self, codes: list[int]) -> frozenset[int]:
+        key = tuple(codes)
+        found = self._codes.get(key)
+        if found is None:
+            found = self._codes[key] = frozenset(codes)
+        return found
+
+    def retry(self, cfg: TargetConfig) -> RetryPolicy:
+        retry = cfg.retry_config
+        policy = RetryPolicy(retry.attempts, retry.delay, self.codes(retry.on_status_codes))
+        return self._retries.setdefault(policy, policy)
+
+    def names(self, items: tuple[str, ...]) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self._tuples.setdefault(items, items))
+
+    def pairs(self, items: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        return cast(tuple[tuple[str, str], ...], self._tuples.setdefault(items, items))
+
+    def mapping(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not values:
+            return _EMPTY
+        if not all(type(v) in _ATOMS for v in values.values()):
+            return MappingProxyType(dict(values))
+        key = tuple((k, type(v), repr(v)) for k, v in values.items())
+        found = self._mappings.get(key)
+        if found is None:
+            found = self._mappings[key] = MappingProxyType(dict(values))
+        return found
+
+    def strategy(self, routing: TargetRoutingConfig) -> Strategy:
+        """One strategy object per distinct setting; round-robin keeps a rotation per route."""
+        if isinstance(routing, RoundRobinRouting):
+            return build_strategy(routing)
+        fields = routing.__dict__  # pydantic keeps field values there; getattr of a missing one
+        key = (routing.type, *(fields.get(f) for f in _STRATEGY_SETTINGS))  # is slow
+        found = self._strategies.get(key)
+        if found is None:
+            found = self._strategies[key] = build_strategy(routing)
+        return found
+
+
+_STRATEGY_SETTINGS = ("window_seconds", "band", "min_samples")
+"""Every routing-config field a strategy object is built from (besides its type)."""
+
+
+def _compile_target(cfg: TargetConfig, model: CatalogModel, shared: _Shared) -> Target:
+    headers = cfg.headers_override
     return Target(
         model=model,
         weight=cfg.weight if cfg.weight is not None else 1,
         priority=cfg.priority if cfg.priority is not None else 0,
-        retry=RetryPolicy(
-            attempts=cfg.retry_config.attempts,
-            delay_ms=cfg.retry_config.delay,
-            on_status=frozenset(cfg.retry_config.on_status_codes),
-        ),
-        fallback_status=frozenset(cfg.fallback_status_codes),
+        retry=shared.retry(cfg),
+        fallback_status=shared.codes(cfg.fallback_status_codes),
         fallback_candidate=cfg.fallback_candidate,
-        override_params=MappingProxyType(dict(cfg.override_params)),
-        headers_set=tuple((k.lower(), v) for k, v in cfg.headers_override.set.items()),
-        headers_remove=tuple(h.lower() for h in cfg.headers_override.remove),
-        metadata_match=MappingProxyType(dict(cfg.metadata_match)),
+        override_params=shared.mapping(cfg.override_params),
+        headers_set=shared.pairs(tuple((k.lower(), v) for k, v in headers.set.items())),
+        headers_remove=shared.names(tuple(h.lower() for h in headers.remove)),
+        metadata_match=shared.mapping(cfg.metadata_match),
         sla_cutoff_s=(cfg.sla_cutoff.time_per_output_token_ms / 1000.0 if cfg.sla_cutoff else None),
         sla_window_s=cfg.sla_cutoff.window_seconds if cfg.sla_cutoff else 180.0,
     )
@@ -485,26 +550,30 @@ def _compile_target(cfg: TargetConfig, model: CatalogModel) -> Target:
 _DIRECT_RETRY = RetryPolicy(attempts=1, delay_ms=0, on_status=frozenset())
 
 
-def _route(routing: TargetRoutingConfig, catalog: Mapping[str, CatalogModel]) -> Route:
-    return Route(
-        strategy=build_strategy(routing),
-        targets=tuple(_compile_target(t, catalog[t.target]) for t in routing.load_balance_targets),
+def _targets(
+    routing: TargetRoutingConfig, catalog: Mapping[str, CatalogModel], shared: _Shared
+) -> tuple[Target, ...]:
+    return tuple(
+        _compile_target(t, catalog[t.target], shared) for t in routing.load_balance_targets
     )
 
 
 def _compile_routes(
-    routing: TargetRoutingConfig | CategoryBasedRouting, catalog: Mapping[str, CatalogModel]
+    routing: TargetRoutingConfig | CategoryBasedRouting,
+    catalog: Mapping[str, CatalogModel],
+    shared: _Shared,
 ) -> tuple[Route, ...]:
     """One route, or one per category with the default category last."""
     if not isinstance(routing, CategoryBasedRouting):
-        return (_route(routing, catalog),)
+        return (
+            Route(strategy=shared.strategy(routing), targets=_targets(routing, catalog, shared)),
+        )
     routes: list[Route] = []
     default: Route | None = None
     for category in routing.categories:
-        base = _route(category.routing_config, catalog)
         route = Route(
-            strategy=base.strategy,
-            targets=base.targets,
+            strategy=shared.strategy(category.routing_config),
+            targets=_targets(category.routing_config, catalog, shared),
             category=category.name,
             keywords=frozenset(k.lower() for k in category.keywords),
             patterns=tuple(re.compile(p) for p in category.patterns),
@@ -521,10 +590,15 @@ def _compile_routes(
 
 def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = None) -> RoutingTable:
     """Compile a validated config into a routing table (secrets read from ``environ``)."""
-    env = os.environ if environ is None else environ
+    with gc_paused():  # see extproc.memory: the collector would dominate a large config
+        return _compile(config, os.environ if environ is None else environ)
+
+
+def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
     providers: dict[str, Provider] = {}
     catalog: dict[str, CatalogModel] = {}
     models: dict[str, VirtualModel] = {}
+    shared = _Shared()
     direct = PriorityStrategy()
     for p_cfg in config.providers:
         provider = compile_provider(p_cfg, env)
@@ -576,7 +650,7 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 name=f"{group.name}/{vm_cfg.name}",
                 slug=vm_cfg.slug,
                 model_types=frozenset(vm_cfg.model_types),
-                routes=_compile_routes(routing, catalog),
+                routes=_compile_routes(routing, catalog, shared),
                 is_virtual=True,
                 attempt_timeout_ms=routing.attempt_timeout_ms or config.gateway.attempt_timeout_ms,
                 sticky=sticky,
