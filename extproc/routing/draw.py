@@ -6,6 +6,9 @@ describes its order for a set of targets as ``Group``s, computed once per set an
 without replacement. ``draw`` turns groups into one request's order, one target at a time, so a
 request that only ever needs its first few targets (the attempt slots) pays for those only:
 
+* a tiny group (at most ``TABLED`` members, so at most 24 orders) keeps every possible order with
+  its probability (uniform, or the product of the successive draws' weight shares): one random
+  number and a bisection pick a whole order, ready-made;
 * a small group (at most ``SMALL_GROUP`` members) is ordered at once with one random key each
   (shuffle: ``u``; weighted: ``u ** (1 / weight)``, the Efraimidis-Spirakis keys);
 * a larger shuffle or weighted group draws its first members by rejection (a uniform index, or
@@ -29,6 +32,7 @@ import threading
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import permutations
 from random import Random
 from typing import overload
 
@@ -36,6 +40,8 @@ from extproc.routing.model import Target
 
 SMALL_GROUP = 8
 """Groups up to this size are keyed and sorted whole: cheaper than drawing them one by one."""
+TABLED = 4
+"""Groups up to this size keep a table of their orders (at most 4! = 24)."""
 
 
 class Kind(enum.Enum):
@@ -61,6 +67,10 @@ class Group:
     """WEIGHTED: running sums of ``weights`` (what bisection draws against)."""
     exponents: tuple[float, ...] = ()
     """WEIGHTED: ``1 / weight`` per member, for the keys ``u ** (1 / weight)``."""
+    orders: tuple[tuple[Target, ...], ...] = ()
+    """Tiny groups: every order of the members (see ``TABLED``)."""
+    order_odds: tuple[float, ...] = ()
+    """Tiny WEIGHTED groups: the running sum of the probabilities of ``orders``."""
 
 
 def fixed(items: Sequence[Target]) -> Group:
@@ -70,7 +80,43 @@ def fixed(items: Sequence[Target]) -> Group:
 
 def shuffled(items: Sequence[Target]) -> Group:
     """The members in a uniformly random order (fixed when there is only one)."""
-    return Group(Kind.SHUFFLE if len(items) > 1 else Kind.FIXED, tuple(items))
+    members = tuple(items)
+    if len(members) <= 1:
+        return Group(Kind.FIXED, members)
+    orders = tuple(permutations(members)) if len(members) <= TABLED else ()
+    return Group(Kind.SHUFFLE, members, orders=orders)
+
+
+def _weighted(items: tuple[Target, ...], weights: tuple[float, ...]) -> Group:
+    running = 0.0
+    cumulative = []
+    for weight in weights:
+        running += weight
+        cumulative.append(running)
+    total = running
+    exponents = tuple(1.0 / w for w in weights)
+    orders: tuple[tuple[int, ...], ...] = ()
+    odds: list[float] = []
+    if len(items) <= TABLED:
+        # P(order) = w1/W * w2/(W - w1) * ...: the chance of those successive draws.
+        orders = tuple(permutations(range(len(items))))
+        running = 0.0
+        for order in orders:
+            left, chance = total, 1.0
+            for index in order:
+                chance *= weights[index] / left
+                left -= weights[index]
+            running += chance
+            odds.append(running)
+    return Group(
+        Kind.WEIGHTED,
+        items,
+        weights,
+        tuple(cumulative),
+        exponents,
+        tuple(tuple(items[i] for i in order) for order in orders),
+        tuple(odds),
+    )
 
 
 def by_weight(items: Sequence[Target]) -> list[Group]:
@@ -82,14 +128,7 @@ def by_weight(items: Sequence[Target]) -> list[Group]:
         # Equal weights: a draw by weight is a uniform shuffle, which is cheaper to draw.
         groups.append(shuffled(positive))
     else:
-        weights = tuple(float(t.weight) for t in positive)
-        running = 0.0
-        cumulative = []
-        for weight in weights:
-            running += weight
-            cumulative.append(running)
-        exponents = tuple(1.0 / w for w in weights)
-        groups.append(Group(Kind.WEIGHTED, tuple(positive), weights, tuple(cumulative), exponents))
+        groups.append(_weighted(tuple(positive), tuple(float(t.weight) for t in positive)))
     groups.append(shuffled(zero))
     return [g for g in groups if g.items]
 
@@ -119,6 +158,13 @@ def order_group(group: Group, rng: Random) -> Sequence[Target]:
     if kind is Kind.FIXED:
         return items
     random = rng.random
+    orders = group.orders
+    if orders:
+        if kind is Kind.SHUFFLE:
+            return orders[int(random() * len(orders))]
+        odds = group.order_odds
+        # hi: the running sum may end a rounding error below 1.0
+        return orders[bisect_right(odds, random() * odds[-1], 0, len(odds) - 1)]
     if kind is Kind.SHUFFLE:
         return sorted(items, key=lambda _: random())
     exponents = group.exponents

@@ -35,7 +35,7 @@ from extproc.config import (
 from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
 from extproc.memory import gc_paused
-from extproc.routing.draw import Group, Plan, draw, fixed, order_all, plan_of
+from extproc.routing.draw import Group, Plan, draw, fixed, order_all, order_group, plan_of
 from extproc.routing.eligibility import RouteCache, Snapshot, View
 from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
@@ -317,18 +317,22 @@ class RoutingTable:
             groups = _groups(view, route.strategy, health, rng)
         if len(view.candidates) <= EAGER_PLAN:
             # A short plan is drawn whole: cheaper than drawing it on demand.
-            full = order_all(groups, rng, stuck)
-            if stuck is not None:
-                full.insert(0, stuck)
+            full: Sequence[Target]
+            if stuck is None and len(groups) == 1:
+                full = order_group(groups[0], rng)  # often a ready-made tuple (routing.draw)
+            else:
+                full = order_all(groups, rng, stuck)
+                if stuck is not None:
+                    full.insert(0, stuck)
             if explain is not None:
                 _explain_plan(full, explain)
             return RoutingDecision(vm, Plan(plan_of(full)), route.category, stuck is not None)
         source = draw(groups, rng, stuck)
         first = stuck if stuck is not None else next(source)
         if explain is not None:
-            full = [first, *source]
-            _explain_plan(full, explain)
-            plan = Plan(plan_of(full))
+            drawn = [first, *source]
+            _explain_plan(drawn, explain)
+            plan = Plan(plan_of(drawn))
         else:
             plan = Plan([first], source, view.candidates)
         return RoutingDecision(vm, plan, route.category, stuck is not None)
@@ -416,7 +420,7 @@ def _explain_filters(
         explain.scores.update(route.strategy.explain(pool.eligible, health))
 
 
-def _explain_plan(full: list[Target], explain: Explanation) -> None:
+def _explain_plan(full: Sequence[Target], explain: Explanation) -> None:
     """Record the targets dropped for not being fallback candidates, and the plan."""
     for target in full[1:]:
         if not target.fallback_candidate:

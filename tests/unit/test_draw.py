@@ -9,6 +9,7 @@ import pytest
 
 from extproc.routing.draw import (
     SMALL_GROUP,
+    TABLED,
     Kind,
     Plan,
     by_weight,
@@ -53,7 +54,7 @@ def test_compact_merges_fixed_runs_and_drops_empty_groups() -> None:
     ]
 
 
-@pytest.mark.parametrize("n", [SMALL_GROUP, 40])
+@pytest.mark.parametrize("n", [2, TABLED, SMALL_GROUP, 40])
 def test_shuffle_is_uniform_over_positions(n: int) -> None:
     members = [target(f"t{i}") for i in range(n)]
     group = shuffled(members)
@@ -73,7 +74,7 @@ def test_shuffle_is_uniform_over_positions(n: int) -> None:
     assert all(abs(at_last[t.key] - expected) < tolerance for t in members)
 
 
-@pytest.mark.parametrize("n", [4, 40])
+@pytest.mark.parametrize("n", [2, TABLED, SMALL_GROUP, 40])
 def test_weighted_order_is_successive_draws_by_weight(n: int) -> None:
     # Half the targets weigh 3, half weigh 1.
     members = [target(f"t{i}", 3 if i % 2 == 0 else 1) for i in range(n)]
@@ -149,3 +150,21 @@ def test_plan_of_fixed_targets() -> None:
     assert plan.members() == (a, b)
     assert plan.head(1) == (a,)
     assert repr(plan) == "Plan(['p/a', 'p/b'])"
+
+
+def test_tiny_weighted_group_tables_every_order_with_its_chance() -> None:
+    a, b, c = target("a", 5), target("b", 3), target("c", 2)
+    [group] = by_weight([a, b, c])
+    assert len(group.orders) == 6
+    chances = dict(zip(group.orders, (0.0, *group.order_odds), strict=False))
+    odds = [hi - lo for lo, hi in zip((0.0, *group.order_odds), group.order_odds, strict=False)]
+    table = dict(zip(group.orders, odds, strict=True))
+    assert table[(a, b, c)] == pytest.approx(0.5 * 3 / 5)
+    assert table[(c, b, a)] == pytest.approx(0.2 * 3 / 8)
+    assert sum(odds) == pytest.approx(1.0)
+    assert chances  # every order is reachable
+    rng = Random(6)
+    draws = 30_000
+    counts = Counter(tuple(draw([group], rng)) for _ in range(draws))
+    for order, chance in table.items():
+        assert abs(counts[order] / draws - chance) < 0.01
