@@ -606,38 +606,44 @@ def _target_problems(
 ) -> Iterator[str]:
     kind = getattr(routing, "type", "")
     seen_targets: set[str] = set()
+
+    def at(index: int) -> str:  # built only for a problem: most targets have none
+        return f"{r_path}.load_balance_targets[{index}]"
+
     for t_index, target in enumerate(routing.load_balance_targets):
-        t_path = f"{r_path}.load_balance_targets[{t_index}]"
         name = target.target
         if name in virtual_names or name in slugs:
-            yield f"{t_path}.target: {name!r} is a virtual model; targets must be catalog models"
+            yield (
+                f"{at(t_index)}.target: {name!r} is a virtual model;"
+                " targets must be catalog models"
+            )
         elif name not in catalog:
-            yield f"{t_path}.target: unknown model {name!r}"
+            yield f"{at(t_index)}.target: unknown model {name!r}"
         else:
             missing = [t for t in vm.model_types if t not in catalog[name].model_types]
             if missing:
                 yield (
-                    f"{t_path}.target: model {name!r} does not serve {', '.join(missing)}"
+                    f"{at(t_index)}.target: model {name!r} does not serve {', '.join(missing)}"
                     f" (its model_types: {', '.join(catalog[name].model_types)})"
                 )
             if kind.startswith("lowest-price") and catalog[name].price is None:
-                yield f"{t_path}.target: lowest-price routing needs a price on model {name!r}"
+                yield f"{at(t_index)}.target: lowest-price routing needs a price on model {name!r}"
         if name in seen_targets and not target.metadata_match:
-            yield f"{t_path}.target: duplicate target {name!r}"
+            yield f"{at(t_index)}.target: duplicate target {name!r}"
         seen_targets.add(name)
         if kind == "weight-based-routing" and target.weight is None:
-            yield f"{t_path}.weight: required for weight-based-routing"
+            yield f"{at(t_index)}.weight: required for weight-based-routing"
         if kind == "priority-based-routing" and target.priority is None:
-            yield f"{t_path}.priority: required for priority-based-routing"
+            yield f"{at(t_index)}.priority: required for priority-based-routing"
         for header in target.headers_override.set:
             if not _valid_header_name(header):
-                yield f"{t_path}.headers_override.set: invalid header name {header!r}"
+                yield f"{at(t_index)}.headers_override.set: invalid header name {header!r}"
         for header in target.headers_override.remove:
             if not _valid_header_name(header):
-                yield f"{t_path}.headers_override.remove: invalid header name {header!r}"
+                yield f"{at(t_index)}.headers_override.remove: invalid header name {header!r}"
         if "model" in target.override_params:
             yield (
-                f"{t_path}.override_params: 'model' cannot be overridden;"
+                f"{at(t_index)}.override_params: 'model' cannot be overridden;"
                 " set the catalog model's 'model'"
             )
     if kind == "weight-based-routing":

@@ -188,10 +188,16 @@ def _build(parser: Any) -> Any:
     tagged: dict[tuple[str, str], Any] = {}
     anchors: dict[str, Any] = {}
     open_anchors: set[str] = set()
-    # One frame per open collection: [container, anchor, key (mappings; _NO_KEY between pairs)].
-    stack: list[list[Any]] = []
-    root: Any = None
     no_key = _NO_KEY
+    # The innermost open collection lives in locals (the hot path); enclosing ones are saved on
+    # ``stack`` as (container, is a mapping, pending key, anchor). ``key`` is a mapping's key
+    # read but not yet given its value, else ``no_key``.
+    stack: list[tuple[Any, bool, Any, str | None]] = []
+    root: Any = no_key
+    container: Any = None
+    is_map = False
+    key: Any = no_key
+    anchor: str | None = None
     while True:
         event = get()
         kind = type(event)
@@ -215,51 +221,53 @@ def _build(parser: Any) -> Any:
             if event.anchor is not None:
                 _anchor(anchors, event.anchor, item)
         elif kind is MappingStartEvent or kind is SequenceStartEvent:
+            opening = kind is MappingStartEvent
             tag = event.tag
-            if (
-                tag is not None
-                and tag != "!"
-                and tag != (_MAP if kind is MappingStartEvent else _SEQ)
-            ):
+            if tag is not None and tag != "!" and tag != (_MAP if opening else _SEQ):
                 raise _Fallback(tag)
-            container: Any = {} if kind is MappingStartEvent else []
+            if container is not None:
+                if is_map and key is no_key:
+                    raise _Fallback("a collection as a mapping key")
+                stack.append((container, is_map, key, anchor))
+            container = {} if opening else []
+            is_map = opening
+            key = no_key
             anchor = event.anchor
             if anchor is not None:
                 _anchor(anchors, anchor, container)
                 open_anchors.add(anchor)
-            stack.append([container, anchor, no_key])
             continue
         elif kind is MappingEndEvent or kind is SequenceEndEvent:
-            frame = stack.pop()
-            item = frame[0]
-            if frame[1] is not None:
-                open_anchors.discard(frame[1])
+            item = container
+            if anchor is not None:
+                open_anchors.discard(anchor)
+            if stack:
+                container, is_map, key, anchor = stack.pop()
+            else:
+                container = None
         elif kind is AliasEvent:
-            anchor = event.anchor
-            if anchor not in anchors or anchor in open_anchors:
+            name = event.anchor
+            if name not in anchors or name in open_anchors:
                 raise _Fallback("alias")  # undefined (an error) or recursive
-            item = anchors[anchor]
+            item = anchors[name]
+            if is_map and key is no_key and (type(item) is dict or type(item) is list):
+                raise _Fallback("a collection as a mapping key")
         elif kind is DocumentEndEvent:
             if type(get()) is not StreamEndEvent:
                 raise _Fallback("more than one document")  # an error for the reference loader
-            return root
+            return None if root is no_key else root
         else:
             raise _Fallback(kind.__name__)
-        # Place the finished item in its parent.
-        if not stack:
+        # Place the finished item in the innermost open collection.
+        if container is None:
             root = item
-            continue
-        frame = stack[-1]
-        parent = frame[0]
-        if type(parent) is list:
-            parent.append(item)
-        elif frame[2] is no_key:
-            if type(item) is dict or type(item) is list:
-                raise _Fallback("a collection as a mapping key")
-            frame[2] = item  # a merge key (<<) never gets here: its tag fell back above
+        elif not is_map:
+            container.append(item)
+        elif key is no_key:
+            key = item  # a scalar: a merge key (<<) never gets here, its tag fell back above
         else:
-            parent[frame[2]] = item
-            frame[2] = no_key
+            container[key] = item
+            key = no_key
 
 
 class _NoKey:

@@ -487,18 +487,36 @@ class _Shared:
         self._tuples: dict[tuple[object, ...], tuple[object, ...]] = {}
         self._mappings: dict[tuple[tuple[str, type, str], ...], Mapping[str, Any]] = {}
         self._strategies: dict[tuple[object, ...], Strategy] = {}
+        self._types: dict[tuple[str, ...], frozenset[str]] = {}
+        self._seen: dict[int, Any] = {}
+        """What a config object (by identity) compiled to. Pydantic hands most targets the same
+        default objects (``extproc.config._shared``), and the config outlives the compilation,
+        so an ``id`` cannot be reused meanwhile."""
 
     def codes(self, codes: list[int]) -> frozenset[int]:
-        key = tuple(codes)
-        found = self._codes.get(key)
+        found: frozenset[int] | None = self._seen.get(id(codes))
         if found is None:
-            found = self._codes[key] = frozenset(codes)
+            key = tuple(codes)
+            found = self._codes.get(key)
+            if found is None:
+                found = self._codes[key] = frozenset(codes)
+            self._seen[id(codes)] = found
         return found
 
     def retry(self, cfg: TargetConfig) -> RetryPolicy:
         retry = cfg.retry_config
-        policy = RetryPolicy(retry.attempts, retry.delay, self.codes(retry.on_status_codes))
-        return self._retries.setdefault(policy, policy)
+        found: RetryPolicy | None = self._seen.get(id(retry))
+        if found is None:
+            policy = RetryPolicy(retry.attempts, retry.delay, self.codes(retry.on_status_codes))
+            found = self._seen[id(retry)] = self._retries.setdefault(policy, policy)
+        return found
+
+    def model_types(self, types: Sequence[str]) -> frozenset[str]:
+        key = tuple(types)
+        found = self._types.get(key)
+        if found is None:
+            found = self._types[key] = frozenset(types)
+        return found
 
     def names(self, items: tuple[str, ...]) -> tuple[str, ...]:
         return cast(tuple[str, ...], self._tuples.setdefault(items, items))
@@ -535,6 +553,7 @@ _STRATEGY_SETTINGS = ("window_seconds", "band", "min_samples")
 
 def _compile_target(cfg: TargetConfig, model: CatalogModel, shared: _Shared) -> Target:
     headers = cfg.headers_override
+    sla = cfg.sla_cutoff
     return Target(
         model=model,
         weight=cfg.weight if cfg.weight is not None else 1,
@@ -543,11 +562,17 @@ def _compile_target(cfg: TargetConfig, model: CatalogModel, shared: _Shared) -> 
         fallback_status=shared.codes(cfg.fallback_status_codes),
         fallback_candidate=cfg.fallback_candidate,
         override_params=shared.mapping(cfg.override_params),
-        headers_set=shared.pairs(tuple((k.lower(), v) for k, v in headers.set.items())),
-        headers_remove=shared.names(tuple(h.lower() for h in headers.remove)),
+        headers_set=(
+            shared.pairs(tuple((k.lower(), v) for k, v in headers.set.items()))
+            if headers.set
+            else ()
+        ),
+        headers_remove=(
+            shared.names(tuple(h.lower() for h in headers.remove)) if headers.remove else ()
+        ),
         metadata_match=shared.mapping(cfg.metadata_match),
-        sla_cutoff_s=(cfg.sla_cutoff.time_per_output_token_ms / 1000.0 if cfg.sla_cutoff else None),
-        sla_window_s=cfg.sla_cutoff.window_seconds if cfg.sla_cutoff else 180.0,
+        sla_cutoff_s=sla.time_per_output_token_ms / 1000.0 if sla is not None else None,
+        sla_window_s=sla.window_seconds if sla is not None else 180.0,
     )
 
 
@@ -604,6 +629,7 @@ def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
     models: dict[str, VirtualModel] = {}
     shared = _Shared()
     direct = PriorityStrategy()
+    attempt_timeout_ms = config.gateway.attempt_timeout_ms
     for p_cfg in config.providers:
         provider = compile_provider(p_cfg, env)
         providers[provider.name] = provider
@@ -613,7 +639,7 @@ def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
                 key=key,
                 provider=provider,
                 upstream_model=m_cfg.model or m_cfg.name,
-                model_types=frozenset(m_cfg.model_types),
+                model_types=shared.model_types(m_cfg.model_types),
                 price=(m_cfg.price.input, m_cfg.price.output) if m_cfg.price else None,
             )
             catalog[key] = model
@@ -625,10 +651,10 @@ def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
                 retry=_DIRECT_RETRY,
                 fallback_status=frozenset(),
                 fallback_candidate=False,
-                override_params=MappingProxyType({}),
+                override_params=_EMPTY,
                 headers_set=(),
                 headers_remove=(),
-                metadata_match=MappingProxyType({}),
+                metadata_match=_EMPTY,
             )
             models[key] = VirtualModel(
                 name=key,
@@ -636,7 +662,7 @@ def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
                 model_types=model.model_types,
                 routes=(Route(strategy=direct, targets=(target,)),),
                 is_virtual=False,
-                attempt_timeout_ms=config.gateway.attempt_timeout_ms,
+                attempt_timeout_ms=attempt_timeout_ms,
             )
     for group in config.virtual_model_groups:
         for vm_cfg in group.virtual_models:
@@ -653,10 +679,10 @@ def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
             vm = VirtualModel(
                 name=f"{group.name}/{vm_cfg.name}",
                 slug=vm_cfg.slug,
-                model_types=frozenset(vm_cfg.model_types),
+                model_types=shared.model_types(vm_cfg.model_types),
                 routes=_compile_routes(routing, catalog, shared),
                 is_virtual=True,
-                attempt_timeout_ms=routing.attempt_timeout_ms or config.gateway.attempt_timeout_ms,
+                attempt_timeout_ms=routing.attempt_timeout_ms or attempt_timeout_ms,
                 sticky=sticky,
                 routing_type=routing.type,
             )
