@@ -614,8 +614,7 @@ def _target_problems(
         name = target.target
         if name in virtual_names or name in slugs:
             yield (
-                f"{at(t_index)}.target: {name!r} is a virtual model;"
-                " targets must be catalog models"
+                f"{at(t_index)}.target: {name!r} is a virtual model; targets must be catalog models"
             )
         elif name not in catalog:
             yield f"{at(t_index)}.target: unknown model {name!r}"

@@ -18,7 +18,8 @@ request that only ever needs its first few targets (the attempt slots) pays for 
   are the same distribution as drawing every member one by one, because what is left after a
   prefix of draws without replacement is again a draw without replacement of the rest;
 * a uniform index is ``int(random() * n)``, as ``random.choices`` does, not ``randrange``: its
-  bias is below 2**-40 for any group that fits in memory, and it is several times cheaper.
+  bias is at most ``n / 2**53`` (about 1e-13 for a thousand targets), and it is several times
+  cheaper.
 
 ``Plan`` is the immutable sequence of one decision's targets: the primary is drawn when the plan
 is made, later targets when something first reads them (``build_slots`` reads a handful). Reading

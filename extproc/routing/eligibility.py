@@ -12,8 +12,10 @@ still let in. None of it depends on the request, so a snapshot serves every requ
   ``state_version`` and ``tpot_version`` (``CacheableHealth.routing_stamp``) say whether anything
   changed anywhere; only then are the snapshot's own targets' versions compared
   (``versions_of``), and a snapshot none of whose targets changed is kept;
-* time reaches ``expires``: the earliest instant a cooldown it saw ends, or a TPOT sample it read
-  leaves its window (``cooldown_until``, ``tpot_expiry``), or goes back before ``built_at``.
+* the clock reaches ``expires``: the earliest instant a cooldown it saw ends, or a TPOT sample it
+  read leaves its window (``cooldown_until``, ``tpot_expiry``); or it goes back before
+  ``built_at``. (The held targets' order, by cooldown left, needs no expiry of its own: every
+  cooldown left shrinks at the same pace, and one reaching zero is a cooldown ending.)
 
 With a health view that is not a ``CacheableHealth``, a snapshot is built for every request, so
 there is one code path either way. The per-request part (probe draws, the random order, the sticky
