@@ -3,8 +3,8 @@
 This module owns *how* a random order is drawn, not *which* order a strategy wants. A strategy
 describes its order for a set of targets as ``Group``s, computed once per set and health state
 (``routing.eligibility`` caches them): a fixed sequence, a uniform shuffle, or a draw by weight
-without replacement. ``draw`` turns groups into one request's order, one target at a time, so a
-request that only ever needs its first few targets (the attempt slots) pays for those only:
+without replacement. ``Drawing`` turns groups into one request's order, one target at a time, so
+a request that only ever needs its first few targets (the attempt slots) pays for those only:
 
 * a tiny group (at most ``TABLED`` members, so at most 24 orders) keeps every possible order with
   its probability (uniform, or the product of the successive draws' weight shares): one random
@@ -22,8 +22,9 @@ request that only ever needs its first few targets (the attempt slots) pays for 
   cheaper.
 
 ``Plan`` is the immutable sequence of one decision's targets: the primary is drawn when the plan
-is made, later targets when something first reads them (``build_slots`` reads a handful). Reading
-order never changes what a plan holds, only when its random draws are made.
+is made, later targets when something first reads them (``build_slots`` reads a handful, and
+reading further draws the rest at once). Reading never changes what a plan holds, only when its
+random draws are made.
 """
 
 from __future__ import annotations
@@ -166,10 +167,19 @@ def order_group(group: Group, rng: Random) -> Sequence[Target]:
         odds = group.order_odds
         # hi: the running sum may end a rounding error below 1.0
         return orders[bisect_right(odds, random() * odds[-1], 0, len(odds) - 1)]
-    if kind is Kind.SHUFFLE:
-        return sorted(items, key=lambda _: random())
+    return _keyed(group, range(len(items)), rng)
+
+
+def _keyed(group: Group, indexes: Iterable[int], rng: Random) -> list[Target]:
+    """The members at ``indexes`` in the group's random order, one random key each."""
+    items = group.items
+    random = rng.random
+    if group.kind is Kind.SHUFFLE:
+        rest = [items[i] for i in indexes]
+        rest.sort(key=lambda _: random())
+        return rest
     exponents = group.exponents
-    keyed = [(random() ** exponents[i], i) for i in range(len(items))]
+    keyed = [(random() ** exponents[i], i) for i in indexes]
     keyed.sort(reverse=True)
     return [items[i] for _, i in keyed]
 
@@ -184,53 +194,125 @@ def order_all(groups: Iterable[Group], rng: Random, skip: Target | None = None) 
     return ordered
 
 
-def draw(groups: Iterable[Group], rng: Random, skip: Target | None = None) -> Iterator[Target]:
-    """Every member of ``groups`` once, group after group, each group in its random order.
+class Drawing:
+    """One request's order over ``groups``, drawn as far as it is read.
 
-    ``skip`` is left out wherever it comes (the order of the others is then exactly what it would
-    be without it). Random numbers are drawn as the iterator advances.
+    ``next()`` draws one more target (by rejection inside a large group, see the module docs);
+    ``rest()`` orders everything not drawn yet at once (what is left of the current group by
+    keys, the later groups whole), which is cheaper per target when all of it is wanted. Either
+    way the order has the same distribution. ``skip`` is left out wherever it comes.
     """
-    random = rng.random
-    for group in groups:
-        items = group.items
-        n = len(items)
-        if group.kind is Kind.FIXED or n <= SMALL_GROUP:
-            for target in order_group(group, rng):
+
+    __slots__ = (
+        "_group",
+        "_groups",
+        "_left",
+        "_next",
+        "_pending",
+        "_read",
+        "_rng",
+        "_skip",
+        "_taken",
+    )
+
+    def __init__(self, groups: Sequence[Group], rng: Random, skip: Target | None = None) -> None:
+        """Start before the first member of the first group."""
+        self._groups = groups
+        self._next = 0
+        """Index of the next group to start."""
+        self._rng = rng
+        self._skip = skip
+        self._pending: Sequence[Target] = ()
+        """An already ordered run (a small group, or what is left of a large one)..."""
+        self._read = 0
+        """...and how much of it was handed out."""
+        self._group: Group | None = None
+        """A large group being drawn by rejection."""
+        self._taken: set[int] = set()
+        self._left = 0.0
+        """WEIGHTED: the weight of the current group's members not drawn yet."""
+
+    def next(self) -> Target | None:
+        """The next target of the order, or None after the last."""
+        skip = self._skip
+        while True:
+            pending = self._pending
+            if self._read < len(pending):
+                target = pending[self._read]
+                self._read += 1
                 if target is not skip:
-                    yield target
-            continue
-        taken: set[int] = set()
-        rest: list[Target]
+                    return target
+                continue
+            group = self._group
+            if group is not None:
+                index = self._reject(group)
+                if index is None:  # half of the group drawn: the rest by keys, at once
+                    self._pending = _keyed(group, self._untaken(group), self._rng)
+                    self._read = 0
+                    self._group = None
+                elif group.items[index] is not skip:
+                    return group.items[index]
+                continue
+            if self._next >= len(self._groups):
+                return None
+            group = self._groups[self._next]
+            self._next += 1
+            if group.kind is Kind.FIXED or len(group.items) <= SMALL_GROUP:
+                self._pending = order_group(group, self._rng)
+                self._read = 0
+            else:
+                self._group = group
+                self._taken = set()
+                self._left = group.cumulative[-1] if group.kind is Kind.WEIGHTED else 0.0
+
+    def rest(self) -> list[Target]:
+        """Every target not drawn yet, in order (drawn now)."""
+        rest = list(self._pending[self._read :])
+        self._pending, self._read = (), 0
+        group = self._group
+        if group is not None:
+            rest.extend(_keyed(group, self._untaken(group), self._rng))
+            self._group = None
+        for group in self._groups[self._next :]:
+            rest.extend(order_group(group, self._rng))
+        self._next = len(self._groups)
+        if self._skip is not None and self._skip in rest:
+            rest.remove(self._skip)  # identity: targets compare by identity
+        return rest
+
+    def _untaken(self, group: Group) -> list[int]:
+        taken = self._taken
+        return [i for i in range(len(group.items)) if i not in taken]
+
+    def _reject(self, group: Group) -> int | None:
+        """One more member by rejection, or None once the members left are half or less."""
+        random = self._rng.random
+        taken = self._taken
+        n = len(group.items)
         if group.kind is Kind.SHUFFLE:
-            while 2 * len(taken) < n:
+            if 2 * len(taken) >= n:
+                return None
+            while True:
                 index = int(random() * n)
                 if index not in taken:
                     taken.add(index)
-                    if items[index] is not skip:
-                        yield items[index]
-            rest = [t for i, t in enumerate(items) if i not in taken]
-            rest.sort(key=lambda _: random())
-        else:
-            weights = group.weights
-            cumulative = group.cumulative
-            exponents = group.exponents
-            total = cumulative[-1]
-            left = total
-            last = n - 1
-            while 2 * left > total:
-                # hi=last: random() * total may round up to total itself (as in random.choices)
-                index = bisect_right(cumulative, random() * total, 0, last)
-                if index not in taken:
-                    taken.add(index)
-                    left -= weights[index]
-                    if items[index] is not skip:
-                        yield items[index]
-            keyed = [(random() ** exponents[i], i) for i in range(n) if i not in taken]
-            keyed.sort(reverse=True)
-            rest = [items[i] for _, i in keyed]
-        for target in rest:
-            if target is not skip:
-                yield target
+                    return index
+        cumulative = group.cumulative
+        total = cumulative[-1]
+        if 2 * self._left <= total:
+            return None
+        while True:
+            # hi=n-1: random() * total may round up to total itself (as in random.choices)
+            index = bisect_right(cumulative, random() * total, 0, n - 1)
+            if index not in taken:
+                taken.add(index)
+                self._left -= group.weights[index]
+                return index
+
+
+def draw(groups: Sequence[Group], rng: Random, skip: Target | None = None) -> Iterator[Target]:
+    """Every member of ``groups`` once, one at a time (``Drawing.next`` as an iterator)."""
+    return iter(Drawing(groups, rng, skip).next, None)
 
 
 def plan_of(order: Sequence[Target]) -> tuple[Target, ...]:
@@ -250,23 +332,25 @@ class Plan(Sequence[Target]):
     """One decision's targets in the order to try, drawn on first read.
 
     The first target (the primary) is always drawn. After it, only fallback candidates are kept:
-    ``rest`` yields every remaining target in order, and those with ``fallback_candidate`` false
+    ``rest`` draws every remaining target in order, and those with ``fallback_candidate`` false
     are dropped as they come. ``candidates`` (every fallback candidate the plan holds, in any
     order) gives the members and the length without drawing: only the order is random.
+    ``head`` draws one target at a time; reading further (iterating, indexing past the head,
+    comparing) draws all the rest at once.
     """
 
     __slots__ = ("_candidates", "_items", "_rest", "_size")
 
     def __init__(
         self,
-        items: list[Target] | tuple[Target, ...],
-        rest: Iterator[Target] | None = None,
+        items: Sequence[Target],
+        rest: Drawing | None = None,
         candidates: tuple[Target, ...] | None = None,
     ) -> None:
         """Start from ``items`` (the primary first), drawing the others from ``rest``."""
         if rest is None or candidates is None:
             self._items: list[Target] | tuple[Target, ...] = tuple(items)
-            self._rest: Iterator[Target] | None = None
+            self._rest: Drawing | None = None
             self._candidates: tuple[Target, ...] | None = None
             self._size = len(self._items)
             return
@@ -286,44 +370,9 @@ class Plan(Sequence[Target]):
         return self._size
 
     def __iter__(self) -> Iterator[Target]:
-        if self._rest is None:
-            return iter(self._items)
-        return self._drawing()
-
-    def _drawing(self) -> Iterator[Target]:
-        items = self._items
-        index = 0
-        while True:
-            if index < len(items):
-                yield items[index]
-                index += 1
-            elif not self._pull(index + 1):
-                return
-            else:
-                items = self._items
-
-    def _pull(self, count: int, weight: Callable[[Target], int] | None = None) -> bool:
-        """Draw until the plan holds ``count`` targets; False if it ends before.
-
-        With ``weight``: until the targets' weights add up to ``count``.
-        """
-        with _PULL:
-            items = self._items
-            rest = self._rest
-            held = len(items) if weight is None else sum(map(weight, items))
-            if held >= count:
-                return True
-            if rest is None:
-                return False
-            assert isinstance(items, list)
-            for target in rest:
-                if target.fallback_candidate:
-                    items.append(target)
-                    held += 1 if weight is None else weight(target)
-                    if held >= count:
-                        return True
-            self._rest = None
-            return False
+        if self._rest is not None:
+            self._all()
+        return iter(self._items)
 
     def head(self, count: int, weight: Callable[[Target], int] | None = None) -> Sequence[Target]:
         """The first ``count`` targets (fewer if the plan is shorter), drawing only what is missing.
@@ -331,14 +380,36 @@ class Plan(Sequence[Target]):
         With ``weight``: as many targets as it takes for their weights to add up to ``count``.
         """
         if self._rest is not None:
-            self._pull(count, weight)
+            with _PULL:
+                self._pull(count, weight)
         if weight is None:
             return self._items[:count]
         return self._items
 
+    def _pull(self, count: int, weight: Callable[[Target], int] | None) -> None:
+        items = self._items
+        rest = self._rest
+        if rest is None:
+            return
+        assert isinstance(items, list)
+        held = len(items) if weight is None else sum(map(weight, items))
+        while held < count:
+            target = rest.next()
+            if target is None:
+                self._rest = None
+                return
+            if target.fallback_candidate:
+                items.append(target)
+                held += 1 if weight is None else weight(target)
+
     def _all(self) -> tuple[Target, ...]:
-        if self._rest is not None:
-            self._pull(self._size)
+        with _PULL:
+            rest = self._rest
+            if rest is not None:
+                items = self._items
+                assert isinstance(items, list)
+                items.extend(t for t in rest.rest() if t.fallback_candidate)
+                self._rest = None
         return tuple(self._items)
 
     @overload

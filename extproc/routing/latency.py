@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
-from extproc.routing.draw import Group, compact, draw, fixed, shuffled
+from extproc.routing.draw import Group, compact, fixed, order_all, shuffled
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -72,4 +72,4 @@ class LatencyStrategy:
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Unmeasured targets first, then the fast band, then the rest by speed."""
-        return list(draw(self.prepare(targets, health), rng))
+        return order_all(self.prepare(targets, health), rng)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from itertools import groupby
 from random import Random
 
-from extproc.routing.draw import Group, by_weight, compact, draw
+from extproc.routing.draw import Group, by_weight, compact, order_all
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -39,7 +39,7 @@ class LowestPriceStrategy:
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Cheapest first; equal prices drawn by weight."""
-        return list(draw(self.prepare(targets, health), rng))
+        return order_all(self.prepare(targets, health), rng)
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
         """Each target's prices per million tokens."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from itertools import groupby
 from random import Random
 
-from extproc.routing.draw import Group, compact, draw, shuffled
+from extproc.routing.draw import Group, compact, order_all, shuffled
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -40,4 +40,4 @@ class PriorityStrategy:
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Sort by priority, ties in random order."""
-        return list(draw(self.prepare(targets, health), rng))
+        return order_all(self.prepare(targets, health), rng)

@@ -35,7 +35,7 @@ from extproc.config import (
 from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
 from extproc.memory import gc_paused
-from extproc.routing.draw import Group, Plan, draw, fixed, order_all, order_group, plan_of
+from extproc.routing.draw import Drawing, Group, Plan, fixed, order_all, order_group, plan_of
 from extproc.routing.eligibility import RouteCache, Snapshot, View
 from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
@@ -327,14 +327,16 @@ class RoutingTable:
             if explain is not None:
                 _explain_plan(full, explain)
             return RoutingDecision(vm, Plan(plan_of(full)), route.category, stuck is not None)
-        source = draw(groups, rng, stuck)
-        first = stuck if stuck is not None else next(source)
+        drawing = Drawing(groups, rng, stuck)
+        first = stuck if stuck is not None else drawing.next()
+        assert first is not None  # some target is eligible
         if explain is not None:
-            drawn = [first, *source]
+            # What Plan draws when read in order: the primary, then the rest at once.
+            drawn = [first, *drawing.rest()]
             _explain_plan(drawn, explain)
             plan = Plan(plan_of(drawn))
         else:
-            plan = Plan([first], source, view.candidates)
+            plan = Plan([first], drawing, view.candidates)
         return RoutingDecision(vm, plan, route.category, stuck is not None)
 
     def _ambiguous_sticky(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
-from extproc.routing.draw import Group, by_weight, compact, draw
+from extproc.routing.draw import Group, by_weight, compact, order_all
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -33,4 +33,4 @@ class WeightedStrategy:
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Draw targets one by one in proportion to their weights (see ``routing.draw``)."""
-        return list(draw(self.prepare(targets, health), rng))
+        return order_all(self.prepare(targets, health), rng)

@@ -10,6 +10,7 @@ import pytest
 from extproc.routing.draw import (
     SMALL_GROUP,
     TABLED,
+    Drawing,
     Kind,
     Plan,
     by_weight,
@@ -123,9 +124,10 @@ def test_skip_leaves_one_target_out_and_keeps_the_rest(n: int) -> None:
 def test_plan_draws_on_demand_and_filters_non_candidates() -> None:
     members = [target(f"t{i}", candidate=i % 4 != 0) for i in range(20)]
     candidates = tuple(t for t in members if t.fallback_candidate)
-    source = draw([shuffled(members)], Random(5))
-    primary = next(source)
-    plan = Plan([primary], source, candidates)
+    drawing = Drawing([shuffled(members)], Random(5))
+    primary = drawing.next()
+    assert primary is not None
+    plan = Plan([primary], drawing, candidates)
     expected = len(candidates) + (0 if primary.fallback_candidate else 1)
     assert len(plan) == expected
     assert len(plan.members()) == expected
@@ -168,3 +170,28 @@ def test_tiny_weighted_group_tables_every_order_with_its_chance() -> None:
     counts = Counter(tuple(draw([group], rng)) for _ in range(draws))
     for order, chance in table.items():
         assert abs(counts[order] / draws - chance) < 0.01
+
+
+@pytest.mark.parametrize("drawn", [0, 3, 25])
+def test_rest_after_some_draws_orders_what_is_left_with_the_same_odds(drawn: int) -> None:
+    # 40 targets, half weighing 3 and half 1: whatever was drawn one by one, the target right
+    # after is heavy with the odds of one more draw by weight among those left.
+    members = [target(f"t{i}", 3 if i % 2 == 0 else 1) for i in range(40)]
+    groups = compact([*by_weight(members), fixed([target("tail")])])
+    rng = Random(7)
+    draws = 6_000
+    hits = expected = 0.0
+    for _ in range(draws):
+        drawing = Drawing(groups, rng)
+        head = [drawing.next() for _ in range(drawn)]
+        rest = drawing.rest()
+        assert drawing.next() is None
+        order = [*head, *rest]
+        assert sorted(t.key for t in order) == sorted(
+            t.key for t in [*members, groups[-1].items[0]]
+        )
+        assert order[-1].key == "p/tail"
+        left = [t for t in members if t not in head]
+        expected += sum(t.weight for t in left if t.weight == 3) / sum(t.weight for t in left)
+        hits += rest[0].weight == 3
+    assert abs(hits / draws - expected / draws) < 0.025
