@@ -14,7 +14,9 @@ compiled (``extproc.config``, ``routing.table``, ``extproc.reload``):
   (0.12 s per load step at 10,000 virtual models). So the outermost pause ends with
   ``gc.freeze(); gc.unfreeze()``, which moves every tracked object into the oldest generation
   without looking at them (both calls splice linked lists): the load's objects are examined at
-  the next full collection instead, like any other long-lived object.
+  the next full collection instead, like any other long-lived object. ``unfreeze`` would also
+  release whatever ``freeze_loaded`` froze, so when objects are frozen already the pause ends
+  with a plain re-enable instead (that load then pays the one collection).
 * ``release_memory``: after a load, the garbage it left (parse tree, validated config) has been
   freed, but glibc keeps the freed heap pages. ``malloc_trim(0)`` returns them to the kernel
   (resident memory drops; peak memory, ``VmHWM``, does not). A no-op where there is no glibc.
@@ -46,8 +48,9 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
-            gc.freeze()  # promote everything to the oldest generation (see the module docs)
-            gc.unfreeze()
+            if not gc.get_freeze_count():
+                gc.freeze()  # promote everything to the oldest generation (see the module docs)
+                gc.unfreeze()
             gc.enable()
 
 
