@@ -9,15 +9,17 @@ path: ``routing.table`` does that from a validated config.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from extproc import config_text
 from extproc.errors import ConfigError
+from extproc.memory import gc_paused
 
 ModelType = Literal["chat", "completion", "embedding"]
 """Operations a model serves: chat completions, legacy completions, embeddings."""
@@ -30,8 +32,21 @@ DEFAULT_RETRY_STATUS_CODES = (429, 500, 502, 503)
 DEFAULT_FALLBACK_STATUS_CODES = (401, 403, 404, 429, 500, 502, 503)
 
 
-def _chat_only() -> list[ModelType]:
-    return ["chat"]
+_T = TypeVar("_T")
+
+
+def _shared(value: _T) -> Callable[[], _T]:
+    """A ``default_factory`` handing one instance to every model that takes the default.
+
+    A validated config is frozen and nothing mutates its lists or dicts, so defaults need not be
+    copies: at 10,000 virtual models a fresh ``RetryConfig``, ``HeadersOverride``, status-code
+    list and empty dicts per target were about half of the validated config's memory.
+    """
+    return lambda: value
+
+
+_CHAT_ONLY: list[ModelType] = ["chat"]
+_chat_only = _shared(_CHAT_ONLY)
 
 
 def _status_code(value: Any) -> Any:
@@ -88,9 +103,9 @@ class ProviderConfig(_Model):
 class HeadersOverride(_Model):
     """Headers set on, or removed from, the requests sent to one target."""
 
-    set: dict[str, str] = Field(default_factory=dict)
+    set: dict[str, str] = Field(default_factory=_shared({}))
     """Headers added or overwritten."""
-    remove: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=_shared([]))
     """Headers removed before the request leaves."""
 
 
@@ -102,7 +117,7 @@ class RetryConfig(_Model):
     delay: int = Field(default=100, ge=0, le=60_000)
     """Milliseconds to wait before each retry on this target."""
     on_status_codes: list[StatusCode] = Field(
-        default_factory=lambda: list(DEFAULT_RETRY_STATUS_CODES)
+        default_factory=_shared(list(DEFAULT_RETRY_STATUS_CODES))
     )
     """Response statuses that retry this target."""
 
@@ -125,19 +140,19 @@ class TargetConfig(_Model):
     """Traffic share for weight-based routing."""
     priority: int | None = Field(default=None, ge=0)
     """Priority for priority-based routing; 0 is the highest."""
-    retry_config: RetryConfig = Field(default_factory=RetryConfig)
+    retry_config: RetryConfig = Field(default_factory=_shared(RetryConfig()))
     """Retries on this target."""
     fallback_status_codes: list[StatusCode] = Field(
-        default_factory=lambda: list(DEFAULT_FALLBACK_STATUS_CODES)
+        default_factory=_shared(list(DEFAULT_FALLBACK_STATUS_CODES))
     )
     """Statuses that move the request on to the next target once retries are spent."""
     fallback_candidate: bool = True
     """Whether this target may receive traffic when another target failed."""
-    override_params: dict[str, Any] = Field(default_factory=dict)
+    override_params: dict[str, Any] = Field(default_factory=_shared({}))
     """Body parameters merged into the request for this target (the target's values win)."""
-    headers_override: HeadersOverride = Field(default_factory=HeadersOverride)
+    headers_override: HeadersOverride = Field(default_factory=_shared(HeadersOverride()))
     """Headers set or removed for this target only."""
-    metadata_match: dict[str, str] = Field(default_factory=dict)
+    metadata_match: dict[str, str] = Field(default_factory=_shared({}))
     """Request metadata this target requires (every key must match)."""
     sla_cutoff: SlaCutoff | None = None
     """Service level cutoff for this target."""
@@ -380,10 +395,14 @@ def load_config(path: str | Path) -> GatewayConfig:
 
 
 def parse_config(text: str) -> GatewayConfig:
-    """Parse and validate YAML text; raise ``ConfigError`` listing every problem."""
+    """Parse and validate YAML (or JSON) text; raise ``ConfigError`` listing every problem."""
+    with gc_paused():  # see extproc.memory: the collector would dominate a large config
+        return _parse(text)
+
+
+def _parse(text: str) -> GatewayConfig:
     try:
-        # libyaml's C loader when available: the pure-Python one is ~3x slower on large configs.
-        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        raw = config_text.load(text)  # what yaml.safe_load returns, faster (see config_text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"]) from exc
     if raw is None:
@@ -397,6 +416,11 @@ def parse_config(text: str) -> GatewayConfig:
 
 def validate_config(raw: dict[str, Any]) -> GatewayConfig:
     """Validate a decoded config mapping: schema first, then cross-references."""
+    with gc_paused():  # see extproc.memory: the collector would dominate a large config
+        return _validate(raw)
+
+
+def _validate(raw: dict[str, Any]) -> GatewayConfig:
     try:
         config = GatewayConfig.model_validate(raw)
     except ValidationError as exc:
@@ -582,38 +606,43 @@ def _target_problems(
 ) -> Iterator[str]:
     kind = getattr(routing, "type", "")
     seen_targets: set[str] = set()
+
+    def at(index: int) -> str:  # built only for a problem: most targets have none
+        return f"{r_path}.load_balance_targets[{index}]"
+
     for t_index, target in enumerate(routing.load_balance_targets):
-        t_path = f"{r_path}.load_balance_targets[{t_index}]"
         name = target.target
         if name in virtual_names or name in slugs:
-            yield f"{t_path}.target: {name!r} is a virtual model; targets must be catalog models"
+            yield (
+                f"{at(t_index)}.target: {name!r} is a virtual model; targets must be catalog models"
+            )
         elif name not in catalog:
-            yield f"{t_path}.target: unknown model {name!r}"
+            yield f"{at(t_index)}.target: unknown model {name!r}"
         else:
             missing = [t for t in vm.model_types if t not in catalog[name].model_types]
             if missing:
                 yield (
-                    f"{t_path}.target: model {name!r} does not serve {', '.join(missing)}"
+                    f"{at(t_index)}.target: model {name!r} does not serve {', '.join(missing)}"
                     f" (its model_types: {', '.join(catalog[name].model_types)})"
                 )
             if kind.startswith("lowest-price") and catalog[name].price is None:
-                yield f"{t_path}.target: lowest-price routing needs a price on model {name!r}"
+                yield f"{at(t_index)}.target: lowest-price routing needs a price on model {name!r}"
         if name in seen_targets and not target.metadata_match:
-            yield f"{t_path}.target: duplicate target {name!r}"
+            yield f"{at(t_index)}.target: duplicate target {name!r}"
         seen_targets.add(name)
         if kind == "weight-based-routing" and target.weight is None:
-            yield f"{t_path}.weight: required for weight-based-routing"
+            yield f"{at(t_index)}.weight: required for weight-based-routing"
         if kind == "priority-based-routing" and target.priority is None:
-            yield f"{t_path}.priority: required for priority-based-routing"
+            yield f"{at(t_index)}.priority: required for priority-based-routing"
         for header in target.headers_override.set:
             if not _valid_header_name(header):
-                yield f"{t_path}.headers_override.set: invalid header name {header!r}"
+                yield f"{at(t_index)}.headers_override.set: invalid header name {header!r}"
         for header in target.headers_override.remove:
             if not _valid_header_name(header):
-                yield f"{t_path}.headers_override.remove: invalid header name {header!r}"
+                yield f"{at(t_index)}.headers_override.remove: invalid header name {header!r}"
         if "model" in target.override_params:
             yield (
-                f"{t_path}.override_params: 'model' cannot be overridden;"
+                f"{at(t_index)}.override_params: 'model' cannot be overridden;"
                 " set the catalog model's 'model'"
             )
     if kind == "weight-based-routing":

@@ -6,10 +6,22 @@ health (consecutive failures, failure rate, cooldown with exponential backoff, `
 It is one component with an injected clock, shared by all strategies. It decides nothing about a
 request: ``routing.table`` reads it through the ``HealthView`` protocol. State lives in memory in
 one process.
+
+Routing caches what it read from here (``routing.eligibility``), so the tracker says when that may
+have changed: ``routing_stamp()`` returns two version numbers and the time. ``state_version``
+changes whenever a target's cooldown or consecutive-failure count changes (availability and the
+order of held targets); ``tpot_version`` whenever a time-per-output-token sample is added (SLA
+cutoffs, latency ranking). Each change also records its number against the target
+(``versions_of``), so a cache that sees a new global version can tell whether any of *its* targets
+changed before recomputing. What changes with time alone, a cooldown ending or a sample leaving its
+window, is not versioned: ``cooldown_until`` and ``tpot_expiry`` give the instants, and a cache
+keeps the earliest one. Version numbers come from one process-wide counter, so two trackers (e.g.
+after ``Runtime.reset_health``) never hand out the same stamp.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -19,6 +31,9 @@ FAILURE_STATUSES = frozenset({401, 403, 404, 408, 429})
 """Client-error statuses that still say the target is unusable (auth, missing model, rate limit)."""
 MAX_SAMPLES = 50_000
 """Per target and window: a bound on memory under heavy traffic (oldest samples go first)."""
+
+_VERSIONS = itertools.count(1)
+"""Every version number any tracker hands out: unique in the process, so stamps never collide."""
 
 
 def is_failure(status: int | None) -> bool:
@@ -89,6 +104,10 @@ class _Window:
         count = len(self.samples)
         return (self.total / count if count else None), count
 
+    def expiry(self) -> float:
+        """When the oldest sample leaves the window (infinity when empty); call after ``expire``."""
+        return self.samples[0][0] + self.length if self.samples else math.inf
+
 
 @dataclass(slots=True)
 class TargetHealth:
@@ -127,11 +146,24 @@ class HealthTracker:
         self._targets: dict[str, TargetHealth] = {}
         self.listener: Callable[[Outcome], None] | None = None
         """Called with every locally observed outcome (replication to other replicas)."""
+        self.state_version = next(_VERSIONS)
+        """Changes whenever a target's cooldown or consecutive failures change."""
+        self.tpot_version = next(_VERSIONS)
+        """Changes whenever a time-per-output-token sample is added (or a window registered)."""
+        self._state_versions: dict[str, int] = {}
+        """Per target: the ``state_version`` of its last cooldown or failure-count change."""
+        self._tpot_versions: dict[str, int] = {}
+        """Per target: the ``tpot_version`` of its last TPOT sample."""
 
     def register_windows(self, windows: Iterable[float]) -> None:
         """Also keep TPOT samples for these window lengths (called when a config is compiled)."""
         new = set(windows) - self._windows
+        if not new:
+            return
         self._windows |= new
+        self.tpot_version = version = next(_VERSIONS)
+        for key in self._targets:
+            self._tpot_versions[key] = version
         for state in self._targets.values():
             for length in new:
                 state.tpot.setdefault(length, _Window(length))
@@ -163,14 +195,19 @@ class HealthTracker:
                 window.add(now, float(used))
         if is_failure(outcome.status):
             self._fail(state, now, outcome)
+            # the failure count changed, maybe the cooldown
+            self.state_version = self._state_versions[outcome.target] = next(_VERSIONS)
             return
         state.outcomes.add(now, 0.0)
+        if state.consecutive_failures or state.cooldown_until:
+            self.state_version = self._state_versions[outcome.target] = next(_VERSIONS)
         state.consecutive_failures = 0
         state.cooldown_level = 0
         state.cooldown_until = 0.0  # it answered: a last-resort success ends its cooldown
         if outcome.tpot_s is not None and outcome.tpot_s >= 0:
             for window in state.tpot.values():
                 window.add(now, outcome.tpot_s)
+            self.tpot_version = self._tpot_versions[outcome.target] = next(_VERSIONS)
         if outcome.output_tokens and outcome.duration_s and outcome.duration_s > 0:
             rate = outcome.output_tokens / outcome.duration_s
             for window in state.throughput.values():
@@ -199,6 +236,31 @@ class HealthTracker:
             state.cooldown_level += 1
             state.cooldown_until = max(state.cooldown_until, now + length)
 
+    # --- what routing caches depend on --------------------------------------------------------
+
+    def routing_stamp(self) -> tuple[int, int, float]:
+        """``(state_version, tpot_version, now)``: what a routing cache checks before reuse."""
+        return self.state_version, self.tpot_version, self.clock()
+
+    def versions_of(self, keys: tuple[str, ...], tpot: bool) -> tuple[int | None, ...]:
+        """Each target's last state (or, with ``tpot``, TPOT) version; None if it never changed."""
+        versions = self._tpot_versions if tpot else self._state_versions
+        return tuple(map(versions.get, keys))
+
+    def cooldown_until(self, key: str) -> float:
+        """The instant the target's cooldown ends (in the past, or 0, when it is available)."""
+        state = self._targets.get(key)
+        return state.cooldown_until if state is not None else 0.0
+
+    def tpot_expiry(self, key: str, window_s: float) -> float:
+        """When the oldest TPOT sample in the window leaves it (infinity without samples).
+
+        Reads the window as ``tpot`` last left it: call ``tpot`` for the same window first.
+        """
+        state = self._targets.get(key)
+        window = state.tpot.get(window_s) if state is not None else None
+        return window.expiry() if window is not None else math.inf
+
     # --- the HealthView protocol -------------------------------------------------------------
 
     def cooldown_remaining(self, key: str) -> float:
@@ -209,8 +271,9 @@ class HealthTracker:
         return max(0.0, state.cooldown_until - self.clock())
 
     def available(self, key: str) -> bool:
-        """Whether the target is out of cooldown."""
-        return self.cooldown_remaining(key) <= 0.0
+        """Whether the target is out of cooldown (``cooldown_remaining`` is 0)."""
+        state = self._targets.get(key)
+        return state is None or state.cooldown_until <= self.clock()
 
     def tpot(self, key: str, window_s: float) -> tuple[float | None, int]:
         """Mean time per output token (s) over the last ``window_s`` seconds, and sample count."""

@@ -28,6 +28,7 @@ from typing import Any
 from extproc.cds import ClusterChange, ClusterPublisher
 from extproc.config import parse_config
 from extproc.errors import ConfigError
+from extproc.memory import release_memory
 from extproc.processor import Runtime
 from extproc.routing.table import RoutingTable, compile_table
 
@@ -53,10 +54,13 @@ def load_config_file(path: str | Path, environ: Mapping[str, str] | None = None)
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror or exc}"]) from exc
-    return LoadedConfig(_compile(data, environ), digest_of(data))
+    loaded = LoadedConfig(_compile(data, environ), digest_of(data))
+    release_memory()
+    return loaded
 
 
 def _compile(data: bytes, environ: Mapping[str, str] | None) -> RoutingTable:
+    """Parse, validate and compile; only the table outlives the call (see extproc.memory)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -69,7 +73,7 @@ def in_use_clusters(runtime: Runtime) -> set[str]:
     return {
         target.model.provider.cluster
         for context in list(runtime.requests.values())
-        for target in context.decision.plan
+        for target in context.decision.plan.members()  # no need to draw the plans' order
     }
 
 
@@ -242,13 +246,16 @@ class ConfigReloader:
         else:
             _warn_static_clusters(old, table)
         self.runtime.swap(table)
+        old_timeout = old.first_byte_timeout_ms
+        del old  # the previous table goes as soon as no request in flight holds it
+        release_memory()  # hand what the load (and maybe the old table) freed back to the kernel
         if self.publisher is not None and self.publisher.lingering:
             self.publisher.prune(in_use_clusters(self.runtime))
-        if table.first_byte_timeout_ms != old.first_byte_timeout_ms:
+        if table.first_byte_timeout_ms != old_timeout:
             log.warning(
                 "gateway.first_byte_timeout_ms changed (%d -> %d ms): it is part of Envoy's route, "
                 "which is static; regenerate the bootstrap and restart Envoy to apply it",
-                old.first_byte_timeout_ms,
+                old_timeout,
                 table.first_byte_timeout_ms,
             )
         log.info(

@@ -13,8 +13,10 @@ Pure logic: the caller supplies statuses and times.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from extproc.routing.draw import Plan
 from extproc.routing.model import Target
 
 FAILED_STATUS = 503
@@ -55,14 +57,21 @@ class AttemptRecord:
     """Whether health and telemetry have seen this attempt."""
 
 
-def build_slots(plan: tuple[Target, ...], max_attempts: int) -> tuple[Target, ...]:
+def build_slots(plan: Sequence[Target], max_attempts: int) -> tuple[Target, ...]:
     """One slot per allowed attempt, target by target, capped at ``max_attempts``."""
     slots: list[Target] = []
+    if isinstance(plan, Plan):
+        # A plan drawn on demand draws only the targets whose slots are needed.
+        plan = plan.head(max_attempts, _attempts)
     for target in plan:
         slots.extend([target] * target.retry.attempts)
         if len(slots) >= max_attempts:
             break
     return tuple(slots[:max_attempts])
+
+
+def _attempts(target: Target) -> int:
+    return target.retry.attempts
 
 
 @dataclass(slots=True)

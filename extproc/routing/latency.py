@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group, compact, fixed, order_all, shuffled
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -26,6 +27,7 @@ class LatencyStrategy:
         self.band = band
         self.min_samples = min_samples
         self.windows: tuple[float, ...] = (window_s,)
+        self.prepare_windows: tuple[float, ...] = (window_s,)
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
         """Each target's mean time per output token, or why it is still being explored."""
@@ -51,8 +53,8 @@ class LatencyStrategy:
         """Each target's mean TPOT (s) over the window and its sample count."""
         return [(t, *health.tpot(t.key, self.window_s)) for t in targets]
 
-    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
-        """Unmeasured targets first, then the fast band, then the rest by speed."""
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...]:
+        """Unmeasured targets shuffled, then the fast band shuffled, then the rest by speed."""
         unmeasured: list[Target] = []
         measured: list[tuple[float, int, Target]] = []
         for index, (target, mean, count) in enumerate(self.scores(targets, health)):
@@ -60,12 +62,14 @@ class LatencyStrategy:
                 unmeasured.append(target)
             else:
                 measured.append((mean, index, target))
-        rng.shuffle(unmeasured)
         measured.sort(key=lambda item: (item[0], item[1]))
         if not measured:
-            return unmeasured
+            return compact([shuffled(unmeasured)])
         limit = measured[0][0] * self.band
         fast = [t for mean, _, t in measured if mean <= limit]
         slow = [t for mean, _, t in measured if mean > limit]
-        rng.shuffle(fast)
-        return unmeasured + fast + slow
+        return compact([shuffled(unmeasured), shuffled(fast), fixed(slow)])
+
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
+        """Unmeasured targets first, then the fast band, then the rest by speed."""
+        return order_all(self.prepare(targets, health), rng)

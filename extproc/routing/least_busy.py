@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -17,6 +18,11 @@ class LeastBusyStrategy:
 
     name = "least-busy-routing"
     windows: tuple[float, ...] = ()
+    prepare_windows: tuple[float, ...] = ()
+
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...] | None:
+        """None: In-flight counts change with every request: nothing to prepare."""
+        return None
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Sort by in-flight attempts, ties in random order."""

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from itertools import groupby
 from random import Random
 
+from extproc.routing.draw import Group, by_weight, compact, order_all
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
-from extproc.routing.weighted import WeightedStrategy
 
 
 def unit_price(target: Target) -> float:
@@ -27,18 +27,19 @@ class LowestPriceStrategy:
 
     name = "lowest-price-routing"
     windows: tuple[float, ...] = ()
+    prepare_windows: tuple[float, ...] = ()
 
-    def __init__(self) -> None:
-        """Tie-break with the weighted strategy."""
-        self._ties = WeightedStrategy()
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...]:
+        """One weighted draw per price, cheapest first (prices never change within a config)."""
+        ranked = sorted(targets, key=unit_price)
+        groups: list[Group] = []
+        for _, same_price in groupby(ranked, key=unit_price):
+            groups.extend(by_weight(list(same_price)))
+        return compact(groups)
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Cheapest first; equal prices drawn by weight."""
-        ranked = sorted(targets, key=unit_price)
-        ordered: list[Target] = []
-        for _, same_price in groupby(ranked, key=unit_price):
-            ordered.extend(self._ties.order(list(same_price), health, rng))
-        return ordered
+        return order_all(self.prepare(targets, health), rng)
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
         """Each target's prices per million tokens."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -22,6 +23,11 @@ class LowestUsageStrategy:
         """Sum tokens over the last ``window_s`` seconds."""
         self.window_s = window_s
         self.windows: tuple[float, ...] = (window_s,)
+        self.prepare_windows: tuple[float, ...] = ()
+
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...] | None:
+        """None: Token counts change with every request: nothing to prepare."""
+        return None
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Sort by tokens used, ties in random order."""

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 from random import Random
 
+from extproc.routing.draw import Group, compact, order_all, shuffled
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
+
+
+def _priority(target: Target) -> int:
+    return target.priority
 
 
 class PriorityStrategy:
@@ -14,6 +20,7 @@ class PriorityStrategy:
 
     name = "priority-based-routing"
     windows: tuple[float, ...] = ()
+    prepare_windows: tuple[float, ...] = ()
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
         """Each target's priority, and how many share it."""
@@ -26,8 +33,11 @@ class PriorityStrategy:
             for t in targets
         }
 
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...]:
+        """One shuffled group per priority, lowest number first."""
+        ranked = sorted(targets, key=_priority)
+        return compact(shuffled(list(same)) for _, same in groupby(ranked, key=_priority))
+
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
-        """Sort by priority, breaking ties with a per-request random key."""
-        keyed = [(t.priority, rng.random(), i) for i, t in enumerate(targets)]
-        keyed.sort()
-        return [targets[i] for _, _, i in keyed]
+        """Sort by priority, ties in random order."""
+        return order_all(self.prepare(targets, health), rng)

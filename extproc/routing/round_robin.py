@@ -12,6 +12,7 @@ import itertools
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -21,10 +22,15 @@ class RoundRobinStrategy:
 
     name = "round-robin-routing"
     windows: tuple[float, ...] = ()
+    prepare_windows: tuple[float, ...] = ()
 
     def __init__(self) -> None:
         """Start every rotation at its first target."""
         self._counters: dict[tuple[str, ...], itertools.count[int]] = {}
+
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...] | None:
+        """None: The rotation advances per request: nothing to prepare."""
+        return None
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """The targets rotated by one more position than for the previous request."""

@@ -3,8 +3,10 @@
 This module owns the mapping from a requested model name to a ``RoutingDecision``: which virtual
 model it means, which category (for category-based routing), and the ordered plan of targets to
 try. Everything the hot path needs is computed here once per config load (name index,
-strategies, compiled category patterns, provider auth headers); ``resolve`` only looks up,
-filters (metadata, health, SLA, fallback eligibility), calls the strategy and applies stickiness.
+strategies, compiled category patterns, provider auth headers); ``resolve`` only looks up, takes
+the route's health snapshot (``routing.eligibility``: eligible and held targets and the strategy's
+prepared order, cached until health changes), makes the request's random draws (SLA probes, the
+order, drawn lazily by ``routing.draw``) and applies stickiness and fallback eligibility.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
 from types import MappingProxyType
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from extproc.config import (
@@ -24,18 +27,26 @@ from extproc.config import (
     GatewayConfig,
     HealthConfig,
     ProviderConfig,
+    RoundRobinRouting,
     StateConfig,
     TargetConfig,
     TargetRoutingConfig,
 )
 from extproc.errors import ConfigError, NoTargetAvailable, UnknownModel, UnsupportedOperation
 from extproc.health import HealthSettings
+from extproc.memory import gc_paused
+from extproc.routing.draw import Drawing, Group, Plan, fixed, order_all, order_group, plan_of
+from extproc.routing.eligibility import RouteCache, Snapshot, View
 from extproc.routing.explain import Explanation
 from extproc.routing.model import CatalogModel, Operation, Provider, RetryPolicy, Target
 from extproc.routing.priority import PriorityStrategy
 from extproc.routing.strategy import NO_HEALTH, HealthView, Strategy, build_strategy
 
 log = logging.getLogger(__name__)
+
+EAGER_PLAN = 12
+"""Plans with at most this many fallback candidates are drawn whole when resolved; longer ones
+draw their later targets when first read (see ``routing.draw.Plan``)."""
 
 OPERATION_LABEL: Mapping[str, str] = MappingProxyType(
     {"chat": "chat completions", "completion": "completions", "embedding": "embeddings"}
@@ -45,7 +56,7 @@ OPERATION_LABEL: Mapping[str, str] = MappingProxyType(
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Route:
     """Targets and the strategy ordering them: a virtual model has one, or one per category."""
 
@@ -56,6 +67,12 @@ class Route:
     """Lower-cased words (whole-word match) or phrases with spaces (substring match)."""
     patterns: tuple[re.Pattern[str], ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    cache: RouteCache = field(init=False, repr=False)
+    """Health snapshots of this route (mutable state on an immutable route: see eligibility)."""
+
+    def __post_init__(self) -> None:
+        """Attach the route's snapshot cache."""
+        object.__setattr__(self, "cache", RouteCache(self.strategy, self.targets))
 
     def matches(self, request: RequestFacts) -> str | None:
         """Why this category matches the request, or None (the default category never 'matches')."""
@@ -153,8 +170,9 @@ class RoutingDecision:
     """What the router decided for one request."""
 
     virtual_model: VirtualModel
-    plan: tuple[Target, ...]
-    """Targets in the order to try: the primary first, then fallback candidates."""
+    plan: Plan
+    """Targets in the order to try: the primary first, then fallback candidates. A sequence whose
+    later targets are drawn when first read; ``plan.members()`` gives them all without drawing."""
     category: str | None = None
     sticky_hit: bool = False
     """The primary is the session's sticky target."""
@@ -236,13 +254,15 @@ class RoutingTable:
                 f" (it serves: {', '.join(sorted(vm.model_types))}).",
                 param="model",
             )
-        route = vm.routes[-1]
+        routes = vm.routes
+        route = routes[-1]
         reason = "default"
-        for candidate in vm.routes[:-1]:
-            why = candidate.matches(request)
-            if why is not None:
-                route, reason = candidate, why
-                break
+        if len(routes) > 1:
+            for candidate in routes[:-1]:
+                why = candidate.matches(request)
+                if why is not None:
+                    route, reason = candidate, why
+                    break
         if explain is not None:
             explain.virtual_model = vm.name
             explain.strategy = route.strategy.name
@@ -250,92 +270,164 @@ class RoutingTable:
             if route.category is not None:
                 explain.category, explain.category_reason = route.category, reason
             explain.candidates = [t.key for t in route.targets]
-        matched: list[Target] = []
-        unconditioned: list[Target] = []
-        for target in route.targets:
-            if not target.metadata_match:
-                unconditioned.append(target)
-            elif all(request.metadata.get(k) == v for k, v in target.metadata_match.items()):
-                matched.append(target)
-            elif explain is not None:
-                wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
-                explain.drop(target.key, f"metadata_match {wanted} does not match")
-        ordered: list[Target] = []
-        held: list[Target] = []
-        for pool_name, pool in (("metadata match", matched), ("unconditioned", unconditioned)):
-            if not pool:
-                continue
-            eligible: list[Target] = []
-            for target in pool:
-                (eligible if self._usable(target, health, rng, explain) else held).append(target)
-            if explain is not None:
-                explain.pools.append((pool_name, [t.key for t in eligible]))
-                explain.scores.update(route.strategy.explain(eligible, health))
-            if eligible:
-                ordered.extend(route.strategy.order(eligible, health, rng))
-        if not ordered and not held:
-            raise NoTargetAvailable(
-                f"No target of '{vm.name}' matches the request metadata.", param="model"
-            )
-        held.sort(key=lambda t: (health.cooldown_remaining(t.key), health.failures(t.key)))
-        if explain is not None and held and not ordered:
-            explain.notes.append("every target is unhealthy: trying the least bad one")
-        sticky_hit = False
+        cache = route.cache
+        key = cache.pool_key(request.metadata)
+        snap = cache.snapshot(key, health)
+        view: View = snap
+        probed: tuple[Target, ...] = ()
+        if snap.probes:
+            # Over its SLA: skipped, except for a small probe share that keeps measuring it.
+            ratio = self.sla_probe_ratio
+            probed = tuple(t for t in snap.probes if rng.random() < ratio)
+            if probed:
+                view = snap.with_probes(probed, cache, health)
+        if explain is not None:
+            _explain_filters(route, key, snap, view, probed, health, explain)
         sticky = request.sticky_target
+        if not view.eligible:
+            if not view.held:
+                raise NoTargetAvailable(
+                    f"No target of '{vm.name}' matches the request metadata.", param="model"
+                )
+            if explain is not None:
+                explain.notes.append("every target is unhealthy: trying the least bad one")
+                if sticky is not None:
+                    explain.sticky = (
+                        f"session stuck to {sticky}, which is not eligible now: routing normally"
+                    )
+                _explain_plan(list(view.held), explain)
+            assert view.fixed_plan is not None  # held targets alone come in a fixed order
+            return RoutingDecision(vm, Plan(view.fixed_plan), route.category)
+        stuck: Target | None = None
         if sticky is not None:
-            stuck = next((t for t in ordered if t.key == sticky), None)
-            if stuck is not None:
-                ordered.remove(stuck)
-                ordered.insert(0, stuck)
-                sticky_hit = True
+            found = view.sticky(sticky)
+            if found is True:
+                return self._ambiguous_sticky(vm, route, view, sticky, rng, health, explain)
+            stuck = found if isinstance(found, Target) else None
             if explain is not None:
                 explain.sticky = (
                     f"session stuck to {sticky}"
                     if stuck is not None
                     else f"session stuck to {sticky}, which is not eligible now: routing normally"
                 )
-        ordered.extend(held)
-        plan = (ordered[0], *(t for t in ordered[1:] if t.fallback_candidate))
-        if explain is not None:
-            for target in ordered[1:]:
-                if not target.fallback_candidate:
-                    explain.drop(target.key, "fallback_candidate: false (never a fallback)")
-            explain.plan = [t.key for t in plan]
-        return RoutingDecision(
-            virtual_model=vm, plan=plan, category=route.category, sticky_hit=sticky_hit
-        )
-
-    def _usable(
-        self, target: Target, health: HealthView, rng: Random, explain: Explanation | None
-    ) -> bool:
-        if not health.available(target.key):
+        elif explain is None and view.fixed_plan is not None:
+            return RoutingDecision(vm, Plan(view.fixed_plan), route.category)
+        groups: Sequence[Group] | None = view.groups
+        if groups is None:
+            groups = _groups(view, route.strategy, health, rng)
+        if len(view.candidates) <= EAGER_PLAN:
+            # A short plan is drawn whole: cheaper than drawing it on demand.
+            full: Sequence[Target]
+            if stuck is None and len(groups) == 1:
+                full = order_group(groups[0], rng)  # often a ready-made tuple (routing.draw)
+            else:
+                full = order_all(groups, rng, stuck)
+                if stuck is not None:
+                    full.insert(0, stuck)
             if explain is not None:
+                _explain_plan(full, explain)
+            return RoutingDecision(vm, Plan(plan_of(full)), route.category, stuck is not None)
+        drawing = Drawing(groups, rng, stuck)
+        first = stuck if stuck is not None else drawing.next()
+        assert first is not None  # some target is eligible
+        if explain is not None:
+            # What Plan draws when read in order: the primary, then the rest at once.
+            drawn = [first, *drawing.rest()]
+            _explain_plan(drawn, explain)
+            plan = Plan(plan_of(drawn))
+        else:
+            plan = Plan([first], drawing, view.candidates)
+        return RoutingDecision(vm, plan, route.category, stuck is not None)
+
+    def _ambiguous_sticky(
+        self,
+        vm: VirtualModel,
+        route: Route,
+        view: View,
+        sticky: str,
+        rng: Random,
+        health: HealthView,
+        explain: Explanation | None,
+    ) -> RoutingDecision:
+        """The sticky key is eligible more than once in one pool: the first drawn one wins."""
+        ordered = order_all(_groups(view, route.strategy, health, rng, held=False), rng)
+        stuck = next(t for t in ordered if t.key == sticky)
+        ordered.remove(stuck)
+        full = [stuck, *ordered, *view.held]
+        if explain is not None:
+            explain.sticky = f"session stuck to {sticky}"
+            _explain_plan(full, explain)
+        plan = Plan((full[0], *(t for t in full[1:] if t.fallback_candidate)))
+        return RoutingDecision(vm, plan, route.category, True)
+
+    def names(self) -> list[str]:
+        """Every name a client may send, sorted."""
+        return sorted(self._models)
+
+
+def _groups(
+    view: View, strategy: Strategy, health: HealthView, rng: Random, held: bool = True
+) -> list[Group]:
+    """The groups one request's order is drawn from: each pool's, then the held targets.
+
+    A pool whose strategy prepared nothing (its order changes with every request) is ordered
+    here, at once, so that it reads health as it is now.
+    """
+    groups: list[Group] = []
+    for pool in view.pools:
+        if not pool.eligible:
+            continue
+        if pool.groups is None:
+            groups.append(fixed(strategy.order(pool.eligible, health, rng)))
+        else:
+            groups.extend(pool.groups)
+    if held and view.held:
+        groups.append(fixed(view.held))
+    return groups
+
+
+def _explain_filters(
+    route: Route,
+    key: tuple[int, ...],
+    snap: Snapshot,
+    view: View,
+    probed: tuple[Target, ...],
+    health: HealthView,
+    explain: Explanation,
+) -> None:
+    """Record the metadata, cooldown and SLA filters, the pools and the strategy's scores."""
+    matched = {id(route.cache.conditioned[i]) for i in key}
+    for target in route.cache.conditioned:
+        if id(target) not in matched:
+            wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
+            explain.drop(target.key, f"metadata_match {wanted} does not match")
+    let_in = set(probed)
+    for pool in view.pools:
+        for target in pool.members:
+            if target in snap.cooling:
                 explain.drop(
                     target.key,
                     f"cooling down ({health.cooldown_remaining(target.key):.1f}s left,"
                     f" {health.failures(target.key)} consecutive failures)",
                 )
-            return False
-        if target.sla_cutoff_s is None:
-            return True
-        mean, _ = health.tpot(target.key, target.sla_window_s)
-        if mean is None or mean <= target.sla_cutoff_s:
-            return True
-        # Over its SLA: skipped, except for a small probe share that keeps measuring it.
-        if rng.random() < self.sla_probe_ratio:
-            if explain is not None:
+            elif target in let_in:
                 explain.notes.append(f"{target.key} is over its SLA but drawn as a probe")
-            return True
-        if explain is not None:
-            explain.drop(
-                target.key,
-                f"over SLA: tpot {mean * 1000:.1f} ms > {target.sla_cutoff_s * 1000:g} ms",
-            )
-        return False
+            elif target in snap.over:
+                cutoff = target.sla_cutoff_s or 0.0
+                explain.drop(
+                    target.key,
+                    f"over SLA: tpot {snap.over[target] * 1000:.1f} ms > {cutoff * 1000:g} ms",
+                )
+        explain.pools.append((pool.name, [t.key for t in pool.eligible]))
+        explain.scores.update(route.strategy.explain(pool.eligible, health))
 
-    def names(self) -> list[str]:
-        """Every name a client may send, sorted."""
-        return sorted(self._models)
+
+def _explain_plan(full: Sequence[Target], explain: Explanation) -> None:
+    """Record the targets dropped for not being fallback candidates, and the plan."""
+    for target in full[1:]:
+        if not target.fallback_candidate:
+            explain.drop(target.key, "fallback_candidate: false (never a fallback)")
+    explain.plan = [full[0].key, *(t.key for t in full[1:] if t.fallback_candidate)]
 
 
 _CLUSTER_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -378,50 +470,141 @@ def compile_provider(cfg: ProviderConfig, environ: Mapping[str, str]) -> Provide
     )
 
 
-def _compile_target(cfg: TargetConfig, model: CatalogModel) -> Target:
+_ATOMS = (str, int, float, bool, type(None))
+
+
+class _Shared:
+    """Equal immutable pieces of one compiled config, made once and shared by every target.
+
+    At 10,000 virtual models most targets repeat the same retry policy, status-code sets, empty
+    mappings and header lists: sharing them saves both compile time and memory (several hundred
+    bytes per target). Mappings are shared only when every value is a plain scalar, compared
+    with its type and ``repr`` so that ``1``, ``1.0``, ``True`` and ``-0.0``, equal in Python
+    but not in the JSON sent upstream, never stand in for one another.
+    """
+
+    def __init__(self) -> None:
+        self._codes: dict[tuple[int, ...], frozenset[int]] = {}
+        self._retries: dict[RetryPolicy, RetryPolicy] = {}
+        self._tuples: dict[tuple[object, ...], tuple[object, ...]] = {}
+        self._mappings: dict[tuple[tuple[str, type, str], ...], Mapping[str, Any]] = {}
+        self._strategies: dict[tuple[object, ...], Strategy] = {}
+        self._types: dict[tuple[str, ...], frozenset[str]] = {}
+        self._seen: dict[int, Any] = {}
+        """What a config object (by identity) compiled to. Pydantic hands most targets the same
+        default objects (``extproc.config._shared``), and the config outlives the compilation,
+        so an ``id`` cannot be reused meanwhile."""
+
+    def codes(self, codes: list[int]) -> frozenset[int]:
+        found: frozenset[int] | None = self._seen.get(id(codes))
+        if found is None:
+            key = tuple(codes)
+            found = self._codes.get(key)
+            if found is None:
+                found = self._codes[key] = frozenset(codes)
+            self._seen[id(codes)] = found
+        return found
+
+    def retry(self, cfg: TargetConfig) -> RetryPolicy:
+        retry = cfg.retry_config
+        found: RetryPolicy | None = self._seen.get(id(retry))
+        if found is None:
+            policy = RetryPolicy(retry.attempts, retry.delay, self.codes(retry.on_status_codes))
+            found = self._seen[id(retry)] = self._retries.setdefault(policy, policy)
+        return found
+
+    def model_types(self, types: Sequence[str]) -> frozenset[str]:
+        key = tuple(types)
+        found = self._types.get(key)
+        if found is None:
+            found = self._types[key] = frozenset(types)
+        return found
+
+    def names(self, items: tuple[str, ...]) -> tuple[str, ...]:
+        return cast(tuple[str, ...], self._tuples.setdefault(items, items))
+
+    def pairs(self, items: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        return cast(tuple[tuple[str, str], ...], self._tuples.setdefault(items, items))
+
+    def mapping(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not values:
+            return _EMPTY
+        if not all(type(v) in _ATOMS for v in values.values()):
+            return MappingProxyType(dict(values))
+        key = tuple((k, type(v), repr(v)) for k, v in values.items())
+        found = self._mappings.get(key)
+        if found is None:
+            found = self._mappings[key] = MappingProxyType(dict(values))
+        return found
+
+    def strategy(self, routing: TargetRoutingConfig) -> Strategy:
+        """One strategy object per distinct setting; round-robin keeps a rotation per route."""
+        if isinstance(routing, RoundRobinRouting):
+            return build_strategy(routing)
+        fields = routing.__dict__  # pydantic keeps field values there; getattr of a missing one
+        key = (routing.type, *(fields.get(f) for f in _STRATEGY_SETTINGS))  # is slow
+        found = self._strategies.get(key)
+        if found is None:
+            found = self._strategies[key] = build_strategy(routing)
+        return found
+
+
+_STRATEGY_SETTINGS = ("window_seconds", "band", "min_samples")
+"""Every routing-config field a strategy object is built from (besides its type)."""
+
+
+def _compile_target(cfg: TargetConfig, model: CatalogModel, shared: _Shared) -> Target:
+    headers = cfg.headers_override
+    sla = cfg.sla_cutoff
     return Target(
         model=model,
         weight=cfg.weight if cfg.weight is not None else 1,
         priority=cfg.priority if cfg.priority is not None else 0,
-        retry=RetryPolicy(
-            attempts=cfg.retry_config.attempts,
-            delay_ms=cfg.retry_config.delay,
-            on_status=frozenset(cfg.retry_config.on_status_codes),
-        ),
-        fallback_status=frozenset(cfg.fallback_status_codes),
+        retry=shared.retry(cfg),
+        fallback_status=shared.codes(cfg.fallback_status_codes),
         fallback_candidate=cfg.fallback_candidate,
-        override_params=MappingProxyType(dict(cfg.override_params)),
-        headers_set=tuple((k.lower(), v) for k, v in cfg.headers_override.set.items()),
-        headers_remove=tuple(h.lower() for h in cfg.headers_override.remove),
-        metadata_match=MappingProxyType(dict(cfg.metadata_match)),
-        sla_cutoff_s=(cfg.sla_cutoff.time_per_output_token_ms / 1000.0 if cfg.sla_cutoff else None),
-        sla_window_s=cfg.sla_cutoff.window_seconds if cfg.sla_cutoff else 180.0,
+        override_params=shared.mapping(cfg.override_params),
+        headers_set=(
+            shared.pairs(tuple((k.lower(), v) for k, v in headers.set.items()))
+            if headers.set
+            else ()
+        ),
+        headers_remove=(
+            shared.names(tuple(h.lower() for h in headers.remove)) if headers.remove else ()
+        ),
+        metadata_match=shared.mapping(cfg.metadata_match),
+        sla_cutoff_s=sla.time_per_output_token_ms / 1000.0 if sla is not None else None,
+        sla_window_s=sla.window_seconds if sla is not None else 180.0,
     )
 
 
 _DIRECT_RETRY = RetryPolicy(attempts=1, delay_ms=0, on_status=frozenset())
 
 
-def _route(routing: TargetRoutingConfig, catalog: Mapping[str, CatalogModel]) -> Route:
-    return Route(
-        strategy=build_strategy(routing),
-        targets=tuple(_compile_target(t, catalog[t.target]) for t in routing.load_balance_targets),
+def _targets(
+    routing: TargetRoutingConfig, catalog: Mapping[str, CatalogModel], shared: _Shared
+) -> tuple[Target, ...]:
+    return tuple(
+        _compile_target(t, catalog[t.target], shared) for t in routing.load_balance_targets
     )
 
 
 def _compile_routes(
-    routing: TargetRoutingConfig | CategoryBasedRouting, catalog: Mapping[str, CatalogModel]
+    routing: TargetRoutingConfig | CategoryBasedRouting,
+    catalog: Mapping[str, CatalogModel],
+    shared: _Shared,
 ) -> tuple[Route, ...]:
     """One route, or one per category with the default category last."""
     if not isinstance(routing, CategoryBasedRouting):
-        return (_route(routing, catalog),)
+        return (
+            Route(strategy=shared.strategy(routing), targets=_targets(routing, catalog, shared)),
+        )
     routes: list[Route] = []
     default: Route | None = None
     for category in routing.categories:
-        base = _route(category.routing_config, catalog)
         route = Route(
-            strategy=base.strategy,
-            targets=base.targets,
+            strategy=shared.strategy(category.routing_config),
+            targets=_targets(category.routing_config, catalog, shared),
             category=category.name,
             keywords=frozenset(k.lower() for k in category.keywords),
             patterns=tuple(re.compile(p) for p in category.patterns),
@@ -438,11 +621,17 @@ def _compile_routes(
 
 def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = None) -> RoutingTable:
     """Compile a validated config into a routing table (secrets read from ``environ``)."""
-    env = os.environ if environ is None else environ
+    with gc_paused():  # see extproc.memory: the collector would dominate a large config
+        return _compile(config, os.environ if environ is None else environ)
+
+
+def _compile(config: GatewayConfig, env: Mapping[str, str]) -> RoutingTable:
     providers: dict[str, Provider] = {}
     catalog: dict[str, CatalogModel] = {}
     models: dict[str, VirtualModel] = {}
+    shared = _Shared()
     direct = PriorityStrategy()
+    attempt_timeout_ms = config.gateway.attempt_timeout_ms
     for p_cfg in config.providers:
         provider = compile_provider(p_cfg, env)
         providers[provider.name] = provider
@@ -452,7 +641,7 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 key=key,
                 provider=provider,
                 upstream_model=m_cfg.model or m_cfg.name,
-                model_types=frozenset(m_cfg.model_types),
+                model_types=shared.model_types(m_cfg.model_types),
                 price=(m_cfg.price.input, m_cfg.price.output) if m_cfg.price else None,
             )
             catalog[key] = model
@@ -464,10 +653,10 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 retry=_DIRECT_RETRY,
                 fallback_status=frozenset(),
                 fallback_candidate=False,
-                override_params=MappingProxyType({}),
+                override_params=_EMPTY,
                 headers_set=(),
                 headers_remove=(),
-                metadata_match=MappingProxyType({}),
+                metadata_match=_EMPTY,
             )
             models[key] = VirtualModel(
                 name=key,
@@ -475,7 +664,7 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
                 model_types=model.model_types,
                 routes=(Route(strategy=direct, targets=(target,)),),
                 is_virtual=False,
-                attempt_timeout_ms=config.gateway.attempt_timeout_ms,
+                attempt_timeout_ms=attempt_timeout_ms,
             )
     for group in config.virtual_model_groups:
         for vm_cfg in group.virtual_models:
@@ -492,10 +681,10 @@ def compile_table(config: GatewayConfig, environ: Mapping[str, str] | None = Non
             vm = VirtualModel(
                 name=f"{group.name}/{vm_cfg.name}",
                 slug=vm_cfg.slug,
-                model_types=frozenset(vm_cfg.model_types),
-                routes=_compile_routes(routing, catalog),
+                model_types=shared.model_types(vm_cfg.model_types),
+                routes=_compile_routes(routing, catalog, shared),
                 is_virtual=True,
-                attempt_timeout_ms=routing.attempt_timeout_ms or config.gateway.attempt_timeout_ms,
+                attempt_timeout_ms=routing.attempt_timeout_ms or attempt_timeout_ms,
                 sticky=sticky,
                 routing_type=routing.type,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -23,6 +24,11 @@ class HighestThroughputStrategy:
         self.window_s = window_s
         self.min_samples = min_samples
         self.windows: tuple[float, ...] = (window_s,)
+        self.prepare_windows: tuple[float, ...] = ()
+
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...] | None:
+        """None: Throughput changes with every request: nothing to prepare."""
+        return None
 
     def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
         """Unmeasured first (shuffled), then fastest producers first."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from random import Random
 
+from extproc.routing.draw import Group, by_weight, compact, order_all
 from extproc.routing.model import Target
 from extproc.routing.strategy import HealthView
 
@@ -14,6 +15,7 @@ class WeightedStrategy:
 
     name = "weight-based-routing"
     windows: tuple[float, ...] = ()
+    prepare_windows: tuple[float, ...] = ()
 
     def explain(self, targets: Sequence[Target], health: HealthView) -> dict[str, str]:
         """Each target's weight and its share after renormalisation over ``targets``."""
@@ -25,18 +27,10 @@ class WeightedStrategy:
             for t in targets
         }
 
-    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
-        """Draw targets one by one in proportion to their weights.
+    def prepare(self, targets: Sequence[Target], health: HealthView) -> tuple[Group, ...]:
+        """Positive weights as one draw by weight, zero weights as a shuffle after them."""
+        return compact(by_weight(targets))
 
-        Equivalent to repeated weighted draws without replacement, in O(n log n): each target gets
-        the key ``u ** (1 / weight)`` with ``u`` uniform, and the largest keys go first.
-        """
-        keyed = [
-            (rng.random() ** (1.0 / t.weight), i) for i, t in enumerate(targets) if t.weight > 0
-        ]
-        keyed.sort(reverse=True)
-        ordered = [targets[i] for _, i in keyed]
-        rest = [t for t in targets if t.weight <= 0]
-        rng.shuffle(rest)
-        ordered.extend(rest)
-        return ordered
+    def order(self, targets: Sequence[Target], health: HealthView, rng: Random) -> list[Target]:
+        """Draw targets one by one in proportion to their weights (see ``routing.draw``)."""
+        return order_all(self.prepare(targets, health), rng)
