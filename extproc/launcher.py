@@ -30,6 +30,7 @@ from aiohttp import web
 from extproc.cds import ClusterPublisher
 from extproc.demo.upstream import FakeUpstream
 from extproc.envoy_config import EnvoySettings, render
+from extproc.memory import freeze_loaded
 from extproc.processor import Runtime
 from extproc.reload import ConfigReloader, load_config_file
 from extproc.routing.table import RoutingTable
@@ -126,6 +127,7 @@ async def run_stack(options: StackOptions) -> int:
     config_path = DEMO_CONFIG if demo else options.config
     assert config_path is not None
     loaded = load_config_file(config_path)
+    freeze_loaded()  # the first config lives on: keep it out of every later collection
     runners: list[web.AppRunner] = []
     if demo:
         for name, port in DEMO_UPSTREAMS:

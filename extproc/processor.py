@@ -288,7 +288,7 @@ class RouterStream:
         slots = build_slots(decision.plan, MAX_ATTEMPTS)
         request_id = runtime.new_request_id()
         managed: set[str] = {"authorization", METADATA_HEADER, EXPLAIN_HEADER}
-        for target in decision.plan:
+        for target in decision.plan.members():  # no need to draw the order for this
             managed.update(name for name, _ in target.headers_set)
             managed.update(target.headers_remove)
         context = RequestContext(

@@ -35,6 +35,7 @@ from extproc._gen import ext_proc_pb2_grpc
 from extproc.cds import ClusterPublisher
 from extproc.envoy_config import EnvoySettings
 from extproc.h2grpc import INTERNAL, NOT_FOUND, Call, CallHandler, GrpcServer
+from extproc.memory import freeze_loaded
 from extproc.metrics_http import start_metrics_server
 from extproc.processor import Runtime
 from extproc.reload import ConfigReloader, ReloadResult, load_config_file
@@ -320,6 +321,7 @@ def count_reloads(runtime: Runtime) -> Callable[[ReloadResult], None]:
 async def serve(options: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT, then drain; return the exit code (0 after a drain)."""
     loaded = load_config_file(options.config, options.environ)
+    freeze_loaded()  # the first config lives on: keep it out of every later collection
     runtime = Runtime(loaded.table, telemetry=otlp_telemetry())
     await runtime.start_shared_state()
     metrics = await start_observability(runtime, options.metrics_listen)
