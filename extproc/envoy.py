@@ -42,6 +42,14 @@ def decode_headers(headers: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def header_value(headers: pb.HttpHeaders, name: str) -> str | None:
+    """One header's value (the first one), without decoding the rest; ``name`` is lower-case."""
+    for h in headers.headers.headers:
+        if h.key == name:
+            return h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return None
+
+
 def _header_mutation(
     target: pb.HeaderMutation,
     set_headers: Iterable[tuple[str, str]] | None,

@@ -371,7 +371,7 @@ class UpstreamStream:
                 return envoy.continue_response(kind or "request_headers")
 
     async def _request_headers(self, request: envoy.ProcessingRequest) -> envoy.ProcessingResponse:
-        headers = envoy.decode_headers(request.request_headers)
+        attempt_count = envoy.header_value(request.request_headers, "x-envoy-attempt-count")
         request_id = envoy.metadata_string(request, REQUEST_NS, "request_id")
         context = self.runtime.requests.get(request_id or "")
         if context is None:
@@ -381,7 +381,7 @@ class UpstreamStream:
             )
         self.context = context
         try:
-            self.attempt = int(headers.get("x-envoy-attempt-count", "1")) - 1
+            self.attempt = int(attempt_count or "1") - 1
         except ValueError:
             self.attempt = 0
         plan = context.plan
@@ -440,9 +440,8 @@ class UpstreamStream:
         context = self.context
         if context is None:
             return envoy.response_headers_response()
-        headers = envoy.decode_headers(message)
         try:
-            status = int(headers.get(":status", "0"))
+            status = int(envoy.header_value(message, ":status") or "0")
         except ValueError:
             status = 502
         plan = context.plan
@@ -451,7 +450,7 @@ class UpstreamStream:
         if record is not None and record.attempt == self.attempt:
             record.headers_at = self.runtime.clock()
             if status == 429:
-                record.retry_after_s = parse_retry_after(headers.get("retry-after"))
+                record.retry_after_s = parse_retry_after(envoy.header_value(message, "retry-after"))
         self.runtime.recorder.settled_failures(context)
         reply = {METADATA_NS: reply_fields(plan)}
         if again:
