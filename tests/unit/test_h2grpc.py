@@ -356,3 +356,119 @@ def test_header_block_cache_decodes_exactly_like_a_fresh_decoder() -> None:
         expected = {str(k): str(v) for k, v in reference.decode(block)}
         assert connection._decode(block) == expected
     assert hits > 0  # the cache was used, and never gave a stale answer
+
+
+# --- framing under arbitrary read boundaries, against another HTTP/2 implementation -------------
+
+
+class _Wire:
+    """A transport that only collects what the server writes."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data, self.out = bytes(self.out), bytearray()
+        return data
+
+
+def _grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _feed(connection: Any, data: bytes, rng: Any) -> None:
+    position = 0
+    while position < len(data):
+        size = rng.choice((1, 2, 5, 9, 10, 64, 1000, 20000))
+        connection.data_received(data[position : position + size])
+        position += size
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_streams_survive_any_split_of_the_bytes_against_the_h2_library(seed: int) -> None:
+    import random
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from extproc.h2grpc import _Connection
+
+    rng = random.Random(seed)
+    log: list[str] = []
+    server = GrpcServer({ECHO: lambda call: Echo(call, log)})
+    connection = _Connection(server)
+    wire = _Wire()
+    connection.connection_made(wire)  # type: ignore[arg-type]
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+
+    expected: dict[int, bytes] = {}
+    received: dict[int, bytearray] = {}
+    trailers: dict[int, dict[bytes, bytes]] = {}
+    pending: dict[int, bytes] = {}
+
+    def pump() -> None:
+        """Move bytes both ways, split at random, until neither side has anything to say."""
+        for _ in range(500):
+            outgoing = client.data_to_send()
+            if outgoing:
+                _feed(connection, outgoing, rng)
+            incoming = wire.take()
+            if not outgoing and not incoming:
+                return
+            position = 0
+            while position < len(incoming):
+                size = rng.choice((1, 7, 100, 5000, 70000))
+                for event in client.receive_data(incoming[position : position + size]):
+                    if isinstance(event, h2.events.DataReceived):
+                        received[event.stream_id] += event.data
+                        client.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers[event.stream_id] = dict(event.headers)  # type: ignore[arg-type]
+                position += size
+            for stream_id, rest in list(pending.items()):  # send what the windows allow now
+                room = min(client.local_flow_control_window(stream_id), 16384, len(rest))
+                if room:
+                    client.send_data(stream_id, rest[:room], end_stream=room == len(rest))
+                    pending[stream_id] = rest[room:]
+                    if not pending[stream_id]:
+                        del pending[stream_id]
+        raise AssertionError("the conversation did not settle")
+
+    pump()  # preface and SETTINGS both ways
+    for n in range(8):
+        stream_id = client.get_next_available_stream_id()
+        sizes = [rng.choice((0, 1, 300, 17000, 90000)) for _ in range(rng.randint(1, 4))]
+        messages = b"".join(_grpc_frame(bytes([n]) * size) for size in sizes)
+        client.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", ECHO),
+                (":authority", "vmrouter_extproc"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                ("x-vm-filter", "router" if n % 2 else "upstream"),
+            ],
+        )
+        expected[stream_id] = messages
+        received[stream_id] = bytearray()
+        pending[stream_id] = messages
+        pump()
+    pump()
+    for stream_id, messages in expected.items():
+        assert bytes(received[stream_id]) == messages, f"stream {stream_id}"
+        assert trailers[stream_id][b"grpc-status"] == b"0"
+    assert log == ["end"] * 8
+    assert not connection.streams and not wire.closed
