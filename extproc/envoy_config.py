@@ -35,6 +35,8 @@ FILTER_ROLE_HEADER = "x-vm-filter"
 """gRPC initial metadata that tells the ext_proc which filter opened a stream."""
 ROLE_ROUTER = "router"
 ROLE_UPSTREAM = "upstream"
+UPSTREAM_FORWARDED_HEADERS = (":status", "retry-after", "x-envoy-attempt-count")
+"""The only headers the upstream-level filter sends the ext_proc (see ``processor``)."""
 
 REQUEST_NS = "io.vmrouter.request"
 """Dynamic metadata namespace holding ``request_id``: written by the router-level stream and
@@ -142,6 +144,13 @@ def _ext_proc(role: str, settings: EnvoySettings) -> dict[str, Any]:
         config["mutation_rules"] = {"allow_all_routing": True}
         # The response_headers reply picks the response body mode (mode_override).
         config["allow_mode_override"] = True
+        # Of an attempt's headers the upstream phases read only these: Envoy need not copy the
+        # rest into every message (nor the ext_proc decode them).
+        config["forward_rules"] = {
+            "allowed_headers": {
+                "patterns": [{"exact": name} for name in UPSTREAM_FORWARDED_HEADERS]
+            }
+        }
     return {"name": "envoy.filters.http.ext_proc", "typed_config": config}
 
 

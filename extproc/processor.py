@@ -343,7 +343,11 @@ class _MethodNotAllowed(GatewayError):
 
 
 class UpstreamStream:
-    """An upstream-level filter's stream: one attempt of one request, and its response."""
+    """An upstream-level filter's stream: one attempt of one request, and its response.
+
+    Envoy sends this filter only the headers in ``envoy_config.UPSTREAM_FORWARDED_HEADERS``
+    (``forward_rules``): reading another one here needs it added there.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         """Bind to the shared runtime."""

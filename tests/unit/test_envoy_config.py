@@ -96,6 +96,15 @@ def test_envoy_config_router_filter_sees_requests_and_upstream_filter_responses(
     # reply would silently disable every mode_override.
     assert upstream["allow_mode_override"] is True
     assert "send_body_without_waiting_for_header_response" not in upstream
+    # Only the headers the upstream phases read travel to the ext_proc; the router-level filter
+    # gets them all (metadata, sticky identifiers, per-attempt restores need the client's).
+    forwarded = upstream["forward_rules"]["allowed_headers"]["patterns"]
+    assert forwarded == [
+        {"exact": ":status"},
+        {"exact": "retry-after"},
+        {"exact": "x-envoy-attempt-count"},
+    ]
+    assert "forward_rules" not in router
 
 
 def test_envoy_config_route_renders_the_gateway_headers_from_metadata() -> None:
