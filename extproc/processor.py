@@ -399,7 +399,7 @@ class UpstreamStream:
         self.runtime.health.started(target.key)
         self.runtime.recorder.settled_failures(context)
         body = target_body(context.body, target, include_usage=context.inject_usage)
-        set_headers, remove_headers = _attempt_headers(context, target)
+        set_headers, remove_headers = _attempt_headers(context, target, first=self.attempt == 0)
         return envoy.request_headers_response(
             set_headers=set_headers,
             remove_headers=remove_headers,
@@ -518,13 +518,14 @@ class _RoutingStateLost(GatewayError):
 
 
 def _attempt_headers(
-    context: RequestContext, target: Target
+    context: RequestContext, target: Target, *, first: bool = False
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Headers for one attempt, restored from the client's request before this target's overrides.
 
     Envoy keeps header changes from one attempt to the next, so every header any target of the
     plan touches is reset here to what the client sent (or removed) before applying this target's
-    ``headers_override`` and credentials.
+    ``headers_override`` and credentials. The ``first`` attempt still carries the client's
+    headers as they came (less our internal ones), so only real changes are sent for it.
     """
     provider = target.model.provider
     wanted: dict[str, str | None] = {
@@ -542,7 +543,10 @@ def _attempt_headers(
         (":authority", provider.authority),
     ]
     remove_headers: list[str] = []
+    client = context.client_headers
     for name, header_value in wanted.items():
+        if first and client.get(name) == header_value:
+            continue  # already so (absent, or the client's own value)
         if header_value is None:
             remove_headers.append(name)
         else:

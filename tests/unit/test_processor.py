@@ -443,6 +443,21 @@ def test_upstream_stream_rewrites_first_attempt_for_its_target(runtime: Runtime)
     }
 
 
+def test_upstream_stream_first_attempt_sends_only_real_header_changes(runtime: Runtime) -> None:
+    # The first attempt carries the client's headers as they came: restoring a header to the
+    # client's value, or removing one the client never sent, would be work for nothing.
+    _, reply = start(runtime, CHAT_BODY, extra=CLIENT_EXTRA)
+    _, first = start_attempt(runtime, request_id_of(reply), 1, CLIENT_EXTRA)
+    headers, removed = set_headers(first), removed_headers(first)
+    assert sorted(removed) == ["x-client-trace"]  # openai's headers_override removes it
+    assert {k: v for k, v in headers.items() if not k.startswith(":")} == {
+        "authorization": f"Bearer {OPENAI_KEY}",  # the client's own key is replaced, never sent
+        "x-team": "gateway",
+        "x-openai-only": "1",
+    }
+    assert "x-onprem" not in headers  # managed for onprem/llama, never sent by the client
+
+
 def test_upstream_stream_query_string_is_kept_on_provider_path(runtime: Runtime) -> None:
     router = SyncRouter(runtime)
     router.handle(
