@@ -233,15 +233,6 @@ def continue_response(kind: str) -> pb.ProcessingResponse:
     return response
 
 
-def attribute_string(request: pb.ProcessingRequest, name: str) -> str | None:
-    """Read one requested attribute (e.g. ``xds.cluster_name``) from any filter's attribute map."""
-    for struct in request.attributes.values():
-        value = struct.fields.get(name)
-        if value is not None and value.HasField("string_value"):
-            return str(value.string_value)
-    return None
-
-
 def metadata_string(request: pb.ProcessingRequest, namespace: str, key: str) -> str | None:
     """Read one forwarded dynamic metadata string value."""
     struct = request.metadata_context.filter_metadata.get(namespace)

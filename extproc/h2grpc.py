@@ -53,29 +53,23 @@ PRIORITY_FLAG = 0x20
 
 # SETTINGS identifiers.
 SETTINGS_HEADER_TABLE_SIZE = 0x1
-SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 
 # Error codes.
 NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
-INTERNAL_ERROR = 0x2
 FLOW_CONTROL_ERROR = 0x3
-STREAM_CLOSED = 0x5
 FRAME_SIZE_ERROR = 0x6
 REFUSED_STREAM = 0x7
 COMPRESSION_ERROR = 0x9
 
 # gRPC status codes we answer with.
 OK = 0
-CANCELLED = 1
-UNKNOWN = 2
 NOT_FOUND = 5
 RESOURCE_EXHAUSTED = 8
 UNIMPLEMENTED = 12
 INTERNAL = 13
-UNAVAILABLE = 14
 
 DEFAULT_WINDOW = 65_535
 MAX_WINDOW = 2**31 - 1
@@ -146,11 +140,6 @@ class Call:
         self.metadata = metadata
         """Request headers (gRPC metadata included), lower-case names; pseudo-headers too."""
 
-    @property
-    def closed(self) -> bool:
-        """Whether the call is over (finished by us, cancelled or reset by the client)."""
-        return self._stream.local_closed
-
     def send_message(self, data: bytes) -> None:
         """Send one gRPC message (its serialized protobuf)."""
         stream = self._stream
@@ -216,7 +205,7 @@ class _Stream:
         """The trailers frame to send once ``pending`` is empty."""
 
 
-class ConnectionError_(Exception):
+class _ProtocolError(Exception):
     """A connection-level protocol error: answer GOAWAY with ``code`` and close."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -283,10 +272,10 @@ class _Connection(asyncio.Protocol):
             if not self.preface:
                 if len(buffer) < len(PREFACE):
                     if not PREFACE.startswith(bytes(buffer)):
-                        raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 client")
+                        raise _ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client")
                     return
                 if buffer[: len(PREFACE)] != PREFACE:
-                    raise ConnectionError_(PROTOCOL_ERROR, "not an HTTP/2 client")
+                    raise _ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client")
                 del buffer[: len(PREFACE)]
                 self.preface = True
             position = 0
@@ -296,7 +285,7 @@ class _Connection(asyncio.Protocol):
                 high, low, kind, flags, stream_id = unpack(buffer, position)
                 size = (high << 16) | low
                 if size > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {size} bytes")
+                    raise _ProtocolError(FRAME_SIZE_ERROR, f"frame of {size} bytes")
                 end = position + 9 + size
                 if end > available:
                     break
@@ -306,7 +295,7 @@ class _Connection(asyncio.Protocol):
                 if self.transport is None:
                     return
             del buffer[:position]
-        except ConnectionError_ as error:
+        except _ProtocolError as error:
             self._abort(error.code, str(error))
         finally:
             self._flush()
@@ -407,7 +396,7 @@ class _Connection(asyncio.Protocol):
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
-            raise ConnectionError_(PROTOCOL_ERROR, "expected CONTINUATION")
+            raise _ProtocolError(PROTOCOL_ERROR, "expected CONTINUATION")
         if kind == DATA:
             self._data(flags, stream_id, payload)
         elif kind == HEADERS:
@@ -431,12 +420,12 @@ class _Connection(asyncio.Protocol):
             self.goaway = True
             self._maybe_close()
         elif kind == PUSH_PROMISE:
-            raise ConnectionError_(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            raise _ProtocolError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         # PRIORITY and unknown frame types are ignored, as the RFC asks.
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
+            raise _ProtocolError(PROTOCOL_ERROR, "DATA on stream 0")
         size = len(payload)
         self.received += size
         if self.received >= CONNECTION_WINDOW // 2:
@@ -444,7 +433,7 @@ class _Connection(asyncio.Protocol):
             self.received = 0
         if flags & PADDED:
             if not payload or payload[0] >= size:
-                raise ConnectionError_(PROTOCOL_ERROR, "bad DATA padding")
+                raise _ProtocolError(PROTOCOL_ERROR, "bad DATA padding")
             payload = payload[1 : size - payload[0]]
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
@@ -465,8 +454,6 @@ class _Connection(asyncio.Protocol):
                 handler.on_message(message)
             if ended and not stream.local_closed:
                 handler.on_end()
-        if ended and stream.local_closed and stream.trailer is None:
-            self.streams.pop(stream_id, None)
 
     def _messages(self, stream: _Stream, payload: bytes) -> list[bytes]:
         buffer = stream.buffer
@@ -507,7 +494,7 @@ class _Connection(asyncio.Protocol):
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
+            raise _ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
         start, end = 0, len(payload)
         if flags & PADDED:
             start = 1
@@ -515,7 +502,7 @@ class _Connection(asyncio.Protocol):
         if flags & PRIORITY_FLAG:
             start += 5
         if start > end:
-            raise ConnectionError_(PROTOCOL_ERROR, "bad HEADERS padding")
+            raise _ProtocolError(PROTOCOL_ERROR, "bad HEADERS padding")
         block = bytearray(payload[start:end])
         if not flags & END_HEADERS:
             self.continuation = (stream_id, flags, block)
@@ -524,7 +511,7 @@ class _Connection(asyncio.Protocol):
 
     def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuation is None or self.continuation[0] != stream_id:
-            raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise _ProtocolError(PROTOCOL_ERROR, "unexpected CONTINUATION")
         first_flags, block = self.continuation[1], self.continuation[2]
         block += payload
         if flags & END_HEADERS:
@@ -551,7 +538,7 @@ class _Connection(asyncio.Protocol):
         try:
             fields = self.decoder.decode(block)
         except hpack.HPACKError as error:
-            raise ConnectionError_(COMPRESSION_ERROR, f"bad header block: {error}") from error
+            raise _ProtocolError(COMPRESSION_ERROR, f"bad header block: {error}") from error
         metadata = {str(name): str(value) for name, value in fields}
         first = entries[0] if entries else None
         if before[0] == len(entries) and before[1] is first and before[2] == table.maxsize:
@@ -575,7 +562,7 @@ class _Connection(asyncio.Protocol):
             return
         if stream_id <= self.last_stream or not stream_id & 1:
             if stream_id > self.last_stream:
-                raise ConnectionError_(PROTOCOL_ERROR, f"even stream id {stream_id}")
+                raise _ProtocolError(PROTOCOL_ERROR, f"even stream id {stream_id}")
             return  # a stream we closed already: ignore its late headers
         self.last_stream = stream_id
         stream = _Stream(stream_id, self.peer_initial_window)
@@ -602,12 +589,12 @@ class _Connection(asyncio.Protocol):
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+            raise _ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
         increment = _WINDOW_UPDATE.unpack(payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
             self.send_window += increment
             if self.send_window > MAX_WINDOW:
-                raise ConnectionError_(FLOW_CONTROL_ERROR, "connection window overflow")
+                raise _ProtocolError(FLOW_CONTROL_ERROR, "connection window overflow")
             for waiting in list(self.blocked.values()):
                 self._pump(waiting)
                 if self.send_window <= 0:
@@ -623,12 +610,12 @@ class _Connection(asyncio.Protocol):
         if flags & ACK:
             return
         if len(payload) % 6:
-            raise ConnectionError_(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+            raise _ProtocolError(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
         for offset in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, offset)
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "initial window too large")
+                    raise _ProtocolError(FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
@@ -699,11 +686,6 @@ class GrpcServer:
         server = await loop.create_server(lambda: _Connection(self), host, int(port))
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
-
-    def go_away(self) -> None:
-        """Stop taking new streams on every connection (open ones go on)."""
-        for connection in list(self.connections):
-            connection.go_away()
 
     async def stop(self) -> None:
         """Stop listening, cancel every open call and close every connection."""

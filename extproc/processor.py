@@ -423,10 +423,7 @@ class UpstreamStream:
         if last is None:
             status, message = 503, "upstream failed (no attempt)"
         elif context.answering is not None:
-            vm_timeout = context.virtual_model.attempt_timeout_ms
-            timeout_s = min(vm_timeout, self.runtime.table.first_byte_timeout_ms) / 1000
-            started = last.sent_at if last.sent_at is not None else last.started
-            timed_out = self.runtime.clock() - started >= timeout_s
+            timed_out = plan.timed_out(last, self.runtime.clock())
             status = 504 if timed_out else 502
             how = "timed out" if timed_out else "broke off"
             message = f"{last.target.key} answered {last.label}, but its response {how}"

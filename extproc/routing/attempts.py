@@ -131,11 +131,14 @@ class AttemptPlan:
         """
         if not record.sent:
             return "connect-error"
-        if self.timeout_s is None or record.sent_at is None:
-            return "timeout"
-        return (
-            "timeout" if now - record.sent_at >= TIMEOUT_SHARE * self.timeout_s else "connect-error"
-        )
+        return "timeout" if self.timed_out(record, now) else "connect-error"
+
+    def timed_out(self, record: AttemptRecord, now: float) -> bool:
+        """Whether ``record`` has lasted long enough for Envoy's per-attempt timeout to end it."""
+        if self.timeout_s is None:
+            return True
+        started = record.sent_at if record.sent_at is not None else record.started
+        return now - started >= TIMEOUT_SHARE * self.timeout_s
 
     def failed_without_response(self, attempt: int, now: float, status: int) -> None:
         """Record that ``attempt`` failed before any response reached us (connection failure)."""

@@ -389,7 +389,8 @@ def test_wire_compat_request_headers_round_trip() -> None:
         "x-multi": "a,b",
         "x-legacy": "plain",
     }
-    assert envoy.attribute_string(ours, "xds.cluster_name") == "provider_openai"
+    attributes = ours.attributes["envoy.filters.http.ext_proc"].fields
+    assert attributes["xds.cluster_name"].string_value == "provider_openai"
     assert envoy.metadata_string(ours, "io.vmrouter.request", "request_id") == "abc-1"
     # a field only Envoy declares survives our parse and re-serialization untouched
     again = envoy_service.ProcessingRequest.parse(ours.SerializeToString())
