@@ -1,7 +1,8 @@
 """Shared helpers for the unit tests (imported by the test modules; not a test module itself).
 
 - ``FakeClock``: a monotonic clock the test moves by hand.
-- ``table_from_yaml`` and ``OPENAI_PROVIDER``: routing tables compiled from config YAML.
+- ``table_from_yaml``, ``config_problems`` and ``OPENAI_PROVIDER``: routing tables compiled from
+  config YAML, and the problems config YAML is rejected with.
 - ``health_tracker``, ``observe_failures``, ``observe_tpot``, ``plans``, ``primaries``: a real
   health model fed by hand, and what ``resolve`` plans with it.
 - ``headers_message``, ``body_message``, ``client_headers``, ``SyncRouter``, ``start_attempt``,
@@ -19,11 +20,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from random import Random
 
+import pytest
 from google.protobuf import json_format
 
 from extproc._gen import ext_proc_pb2 as pb
 from extproc.config import parse_config
 from extproc.envoy_config import REQUEST_NS
+from extproc.errors import ConfigError
 from extproc.health import HealthTracker, Outcome
 from extproc.processor import RouterStream, Runtime, UpstreamStream
 from extproc.routing.table import RoutingTable, compile_table
@@ -62,6 +65,13 @@ def table_from_yaml(text: str, environ: Mapping[str, str] | None = None) -> Rout
     Secrets are read from ``environ`` only, never from the process environment (none by default).
     """
     return compile_table(parse_config(text), environ={} if environ is None else environ)
+
+
+def config_problems(text: str) -> list[str]:
+    """The problems ``parse_config`` rejects config YAML ``text`` with (it must raise)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    return info.value.problems
 
 
 # --- health ------------------------------------------------------------------------------------

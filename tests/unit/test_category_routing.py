@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from extproc.config import parse_config
-from extproc.errors import ConfigError
 from extproc.request import last_user_text
 from extproc.routing.table import RequestFacts, RoutingDecision, RoutingTable
-from tests.unit.support import table_from_yaml
+from tests.unit.support import config_problems, table_from_yaml
 
 PROVIDERS = """
 providers:
@@ -22,9 +21,12 @@ providers:
     models: [{name: a}, {name: b}, {name: c}, {name: d}, {name: e}, {name: f}]
 """
 
-CONFIG = (
-    PROVIDERS
-    + """
+
+def category_config(categories: str) -> str:
+    """A config with one category-based model, ``cat/router``, over the ``categories:`` entries."""
+    return (
+        PROVIDERS
+        + """
 virtual_model_groups:
   - name: cat
     virtual_models:
@@ -32,6 +34,28 @@ virtual_model_groups:
         routing_config:
           type: category-based-routing
           categories:
+"""
+        + categories
+    )
+
+
+def priority_category(name: str, target: str, condition: str = "") -> str:
+    """One ``categories:`` entry sending everything to ``target``, with an optional condition
+    line such as ``keywords: [python]``."""
+    condition_line = f"              {condition}\n" if condition else ""
+    return (
+        f"            - name: {name}\n"
+        + condition_line
+        + "              routing_config:\n"
+        + "                type: priority-based-routing\n"
+        + f"                load_balance_targets: [{{target: {target}, priority: 0}}]\n"
+    )
+
+
+DEFAULT = priority_category("default", "p/a")
+
+CONFIG = category_config(
+    """
             - name: code
               keywords: [Python, debug, stack-trace]
               routing_config:
@@ -69,11 +93,6 @@ ROUTER = "cat/router"
 V_PATH = "virtual_model_groups[0].virtual_models[0].routing_config"
 
 
-@pytest.fixture()
-def table() -> RoutingTable:
-    return table_from_yaml(CONFIG)
-
-
 def decide(
     table: RoutingTable,
     text: str,
@@ -82,36 +101,6 @@ def decide(
 ) -> RoutingDecision:
     facts = RequestFacts(metadata=metadata or {}, text=text)
     return table.resolve(ROUTER, "chat", rng or Random(1), request=facts)
-
-
-def category_config(categories: str) -> str:
-    return (
-        PROVIDERS
-        + """
-virtual_model_groups:
-  - name: cat
-    virtual_models:
-      - name: router
-        routing_config:
-          type: category-based-routing
-          categories:
-"""
-        + categories
-    )
-
-
-DEFAULT = """
-            - name: default
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{target: p/a, priority: 0}]
-"""
-
-
-def problems(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text)
-    return info.value.problems
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -128,20 +117,14 @@ def test_category_validation_short_alias_is_accepted() -> None:
 
 
 def test_category_validation_default_is_required() -> None:
-    text = category_config(
-        """
-            - name: code
-              keywords: [python]
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{target: p/a, priority: 0}]
-"""
-    )
-    assert problems(text) == [f"{V_PATH}.categories: exactly one category must be named 'default'"]
+    text = category_config(priority_category("code", "p/a", "keywords: [python]"))
+    assert config_problems(text) == [
+        f"{V_PATH}.categories: exactly one category must be named 'default'"
+    ]
 
 
 def test_category_validation_two_defaults_are_rejected() -> None:
-    found = problems(category_config(DEFAULT + DEFAULT))
+    found = config_problems(category_config(DEFAULT + DEFAULT))
     assert f"{V_PATH}.categories[1].name: duplicate category 'default'" in found
     assert f"{V_PATH}.categories: exactly one category must be named 'default'" in found
 
@@ -151,31 +134,15 @@ def test_category_validation_two_defaults_are_rejected() -> None:
     ["keywords: [x]", "patterns: ['x']", "metadata: {tier: vip}"],
 )
 def test_category_validation_default_takes_no_conditions(condition: str) -> None:
-    text = category_config(
-        f"""
-            - name: default
-              {condition}
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{{target: p/a, priority: 0}}]
-"""
-    )
-    assert problems(text) == [
+    text = category_config(priority_category("default", "p/a", condition))
+    assert config_problems(text) == [
         f"{V_PATH}.categories[0]: the default category takes no keywords, patterns or metadata"
     ]
 
 
 def test_category_validation_non_default_needs_a_condition() -> None:
-    text = category_config(
-        """
-            - name: code
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{target: p/b, priority: 0}]
-"""
-        + DEFAULT
-    )
-    assert problems(text) == [
+    text = category_config(priority_category("code", "p/b") + DEFAULT)
+    assert config_problems(text) == [
         f"{V_PATH}.categories[0]: a category needs keywords, patterns or metadata"
         " (or name it default)"
     ]
@@ -183,16 +150,9 @@ def test_category_validation_non_default_needs_a_condition() -> None:
 
 def test_category_validation_bad_regex_is_reported_with_its_path() -> None:
     text = category_config(
-        """
-            - name: code
-              patterns: ['ok', 'broken(']
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{target: p/b, priority: 0}]
-"""
-        + DEFAULT
+        priority_category("code", "p/b", "patterns: ['ok', 'broken(']") + DEFAULT
     )
-    found = problems(text)
+    found = config_problems(text)
     assert len(found) == 1
     assert found[0].startswith(f"{V_PATH}.categories[0].patterns[1]: invalid regular expression: ")
     assert "missing ), unterminated subpattern" in found[0]
@@ -211,7 +171,7 @@ def test_category_validation_nested_unknown_target_has_full_path() -> None:
                   - {target: p/b, weight: 40}
 """
     )
-    assert problems(text) == [
+    assert config_problems(text) == [
         f"{V_PATH}.categories[1].routing_config.load_balance_targets[0].target:"
         " unknown model 'nowhere/model'"
     ]
@@ -230,7 +190,7 @@ def test_category_validation_nested_weight_sum_has_full_path() -> None:
                   - {target: p/b}
 """
     )
-    assert problems(text) == [
+    assert config_problems(text) == [
         f"{V_PATH}.categories[1].routing_config.load_balance_targets[1].weight:"
         " required for weight-based-routing",
         f"{V_PATH}.categories[1].routing_config.load_balance_targets:"
@@ -252,7 +212,7 @@ def test_category_validation_nested_schema_error_has_full_path() -> None:
                   - {weight: 100}
 """
     )
-    assert problems(text) == [
+    assert config_problems(text) == [
         f"{V_PATH}.categories[1].routing_config.load_balance_targets[0].target: Field required"
     ]
 
@@ -268,7 +228,7 @@ def test_category_validation_categories_cannot_nest() -> None:
                 categories: []
 """
     )
-    found = problems(text)
+    found = config_problems(text)
     assert len(found) == 1
     # the path the user wrote, and a message naming the types allowed inside a category
     assert found[0].startswith(f"{V_PATH}.categories[1].routing_config: unknown routing type")
@@ -340,16 +300,7 @@ def test_category_first_matching_category_wins(table: RoutingTable) -> None:
 
 
 def test_category_default_is_last_even_if_listed_first() -> None:
-    text = category_config(
-        DEFAULT
-        + """
-            - name: code
-              keywords: [python]
-              routing_config:
-                type: priority-based-routing
-                load_balance_targets: [{target: p/b, priority: 0}]
-"""
-    )
+    text = category_config(DEFAULT + priority_category("code", "p/b", "keywords: [python]"))
     table = table_from_yaml(text)
     vm = table.lookup("cat/router")
     assert vm is not None

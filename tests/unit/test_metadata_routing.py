@@ -16,31 +16,27 @@ from extproc.routing.table import (
     compile_table,
     gateway_metadata,
 )
-from tests.unit.support import table_from_yaml
+from tests.unit.support import config_problems, table_from_yaml
 
-PROVIDERS = """
-providers:
-  - name: azure-us
-    type: openai-compatible
-    base_url: https://us.example.azure.com/v1
-    models: [{name: gpt-4o}]
-  - name: azure-eu
-    type: openai-compatible
-    base_url: https://eu.example.azure.com/v1
-    models: [{name: gpt-4o}]
-  - name: openai
-    type: openai
-    base_url: https://api.openai.com/v1
-    models: [{name: gpt-4o}]
-  - name: azure-dedicated
-    type: openai-compatible
-    base_url: https://dedicated.example.azure.com/v1
-    models: [{name: gpt-4o}]
-  - name: azure-shared
-    type: openai-compatible
-    base_url: https://shared.example.azure.com/v1
-    models: [{name: gpt-4o}]
-"""
+
+def gpt_4o_provider(name: str, base_url: str, kind: str = "openai-compatible") -> str:
+    """One ``providers:`` entry serving a single model, ``gpt-4o``."""
+    return (
+        f"  - name: {name}\n"
+        f"    type: {kind}\n"
+        f"    base_url: {base_url}\n"
+        "    models: [{name: gpt-4o}]\n"
+    )
+
+
+PROVIDERS = (
+    "providers:\n"
+    + gpt_4o_provider("azure-us", "https://us.example.azure.com/v1")
+    + gpt_4o_provider("azure-eu", "https://eu.example.azure.com/v1")
+    + gpt_4o_provider("openai", "https://api.openai.com/v1", kind="openai")
+    + gpt_4o_provider("azure-dedicated", "https://dedicated.example.azure.com/v1")
+    + gpt_4o_provider("azure-shared", "https://shared.example.azure.com/v1")
+)
 
 # The two routing_config blocks below are copied verbatim from the seed document.
 SEED_REGION = """
@@ -73,19 +69,12 @@ routing_config:
       weight: 40
 """
 
-ONLY_CONDITIONED = """
-routing_config:
-  type: priority-based-routing
-  load_balance_targets:
-    - target: azure-us/gpt-4o
-      priority: 0
-      metadata_match:
-        tfy_gateway_region: US
-    - target: azure-eu/gpt-4o
-      priority: 0
-      metadata_match:
-        tfy_gateway_region: EU
+FALLBACK = """
+    - target: openai/gpt-4o
+      priority: 1
 """
+ONLY_CONDITIONED = SEED_REGION.replace(FALLBACK, "\n")
+"""The region example without its unconditioned fallback: only metadata-matched targets."""
 
 US, EU, OPENAI = "azure-us/gpt-4o", "azure-eu/gpt-4o", "openai/gpt-4o"
 DEDICATED, SHARED = "azure-dedicated/gpt-4o", "azure-shared/gpt-4o"
@@ -195,9 +184,7 @@ def test_enterprise_example_config_validates_with_weights_per_pool() -> None:
 
 def test_weight_validation_metadata_pool_must_sum_to_100() -> None:
     bad = SEED_ENTERPRISE.replace("weight: 100", "weight: 50")
-    with pytest.raises(ConfigError) as info:
-        parse_config(config_text(("enterprise", bad)))
-    assert info.value.problems == [
+    assert config_problems(config_text(("enterprise", bad))) == [
         "virtual_model_groups[0].virtual_models[0].routing_config.load_balance_targets:"
         " weights of targets with metadata_match tier=enterprise sum to 50, expected 100"
     ]
@@ -205,9 +192,7 @@ def test_weight_validation_metadata_pool_must_sum_to_100() -> None:
 
 def test_weight_validation_unconditioned_pool_must_sum_to_100() -> None:
     bad = SEED_ENTERPRISE.replace("weight: 40", "weight: 30")
-    with pytest.raises(ConfigError) as info:
-        parse_config(config_text(("enterprise", bad)))
-    assert info.value.problems == [
+    assert config_problems(config_text(("enterprise", bad))) == [
         "virtual_model_groups[0].virtual_models[0].routing_config.load_balance_targets:"
         " weights of targets sum to 90, expected 100"
     ]

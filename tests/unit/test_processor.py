@@ -198,6 +198,13 @@ CLIENT_EXTRA = (
 )
 
 
+def first_attempt(runtime: Runtime, body: bytes = CHAT_BODY) -> UpstreamStream:
+    """Route ``body`` on a router stream, then open Envoy's first attempt; return its stream."""
+    _, reply = start(runtime, body)
+    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    return upstream
+
+
 # --- GET /v1/models and request validation ------------------------------------------------------
 
 
@@ -528,8 +535,7 @@ def test_upstream_stream_retry_status_sets_retry_header_and_groups(runtime: Runt
 
 def test_upstream_stream_final_status_sets_no_retry_header(runtime: Runtime) -> None:
     for status in (200, 400):
-        _, reply = start(runtime, CHAT_BODY)
-        upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+        upstream = first_attempt(runtime)
         final = upstream_status(upstream, status, (RETRY_HEADER, "1"))
         assert set_headers(final) == {}
         # A provider's own x-vm-retry must not make Envoy retry the answer.
@@ -581,8 +587,7 @@ def test_upstream_stream_ignores_a_request_id_sent_as_header(runtime: Runtime) -
 
 
 def test_upstream_stream_other_messages_pass_through(runtime: Runtime) -> None:
-    _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime)
     passed = asyncio.run(upstream.handle(body_message("response_body", b"{}")))
     assert_passthrough(passed, "response_body")
 
@@ -704,15 +709,13 @@ def test_upstream_stream_response_body_names_the_served_model(runtime: Runtime) 
 
 
 def test_upstream_stream_response_body_without_model_publishes_nothing(runtime: Runtime) -> None:
-    _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime)
     upstream_status(upstream, 200)
     assert_passthrough(upstream_body(upstream, b'{"object": "chat.completion"}'), "response_body")
 
 
 def test_upstream_stream_response_body_chunks_before_the_end_pass(runtime: Runtime) -> None:
-    _, reply = start(runtime, CHAT_BODY)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime)
     upstream_status(upstream, 200)
     chunk = upstream_body(upstream, b'{"model":', end_of_stream=False)
     assert_passthrough(chunk, "response_body")
@@ -730,8 +733,7 @@ def test_upstream_stream_response_without_body_finishes_at_headers(runtime: Runt
 
 
 def test_upstream_stream_non_json_error_body_is_replaced(runtime: Runtime) -> None:
-    _, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime, json_body(model="onprem/llama", messages=[]))
     final_headers = upstream_status(upstream, 502)
     assert final_headers.mode_override.response_body_mode == envoy.BODY_BUFFERED
     final = upstream_body(upstream, b"<html>Bad Gateway</html>\n")
@@ -750,8 +752,7 @@ def test_upstream_stream_non_json_error_body_is_replaced(runtime: Runtime) -> No
 
 
 def test_upstream_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> None:
-    _, reply = start(runtime, json_body(model="onprem/llama", messages=[]))
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime, json_body(model="onprem/llama", messages=[]))
     upstream_status(upstream, 500)
     error = json_body(error={"message": "boom", "type": "server_error"})
     assert_passthrough(upstream_body(upstream, error), "response_body")
@@ -759,8 +760,7 @@ def test_upstream_stream_openai_shaped_error_body_is_kept(runtime: Runtime) -> N
 
 def test_upstream_stream_successful_stream_streams_the_body_through(runtime: Runtime) -> None:
     body = json_body(model="prod-chat", messages=[], stream=True)
-    _, reply = start(runtime, body)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime, body)
     final = upstream_status(upstream, 200)
     assert final.mode_override.response_body_mode == envoy.BODY_STREAMED
     assert final.mode_override.response_header_mode == pb.ProcessingMode.SEND
@@ -770,8 +770,7 @@ def test_upstream_stream_successful_stream_streams_the_body_through(runtime: Run
 
 def test_upstream_stream_failed_stream_buffers_the_error_body(runtime: Runtime) -> None:
     body = json_body(model="onprem/llama", messages=[], stream=True)
-    _, reply = start(runtime, body)
-    upstream, _ = start_attempt(runtime, request_id_of(reply), 1)
+    upstream = first_attempt(runtime, body)
     final = upstream_status(upstream, 400)
     assert final.mode_override.response_body_mode == envoy.BODY_BUFFERED
 

@@ -38,7 +38,6 @@ from extproc import telemetry as names
 from extproc.routing.model import Target
 from extproc.routing.table import RoutingTable
 from extproc.telemetry import InMemoryReader, Telemetry
-from tests.unit.support import table_from_yaml
 
 CONFIG = """
 providers:
@@ -172,11 +171,6 @@ class Reference:
 
 
 # --- what both record ----------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def table() -> RoutingTable:
-    return table_from_yaml(CONFIG)
 
 
 def targets(table: RoutingTable) -> dict[str, Target]:
