@@ -110,7 +110,7 @@ def _yaml_number(literal: str) -> Any:
     tag = _resolve_plain(literal)
     if tag == "tag:yaml.org,2002:float":
         return float(literal)
-    if tag == "tag:yaml.org,2002:str":
+    if tag == _STR:
         return literal  # e.g. 1e3: YAML 1.1 wants a dot and a signed exponent
     raise _Fallback(literal)
 

@@ -162,9 +162,8 @@ class HealthTracker:
             return
         self._windows |= new
         self.tpot_version = version = next(_VERSIONS)
-        for key in self._targets:
+        for key, state in self._targets.items():
             self._tpot_versions[key] = version
-        for state in self._targets.values():
             for length in new:
                 state.tpot.setdefault(length, _Window(length))
                 state.tokens.setdefault(length, _Window(length))

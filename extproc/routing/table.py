@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
 from types import MappingProxyType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from extproc.config import (
@@ -295,7 +295,7 @@ class RoutingTable:
                     explain.sticky = (
                         f"session stuck to {sticky}, which is not eligible now: routing normally"
                     )
-                _explain_plan(list(view.held), explain)
+                _explain_plan(view.held, explain)
             assert view.fixed_plan is not None  # held targets alone come in a fixed order
             return RoutingDecision(vm, Plan(view.fixed_plan), route.category)
         stuck: Target | None = None
@@ -357,8 +357,7 @@ class RoutingTable:
         if explain is not None:
             explain.sticky = f"session stuck to {sticky}"
             _explain_plan(full, explain)
-        plan = Plan((full[0], *(t for t in full[1:] if t.fallback_candidate)))
-        return RoutingDecision(vm, plan, route.category, True)
+        return RoutingDecision(vm, Plan(plan_of(full)), route.category, True)
 
     def names(self) -> list[str]:
         """Every name a client may send, sorted."""
@@ -396,9 +395,8 @@ def _explain_filters(
     explain: Explanation,
 ) -> None:
     """Record the metadata, cooldown and SLA filters, the pools and the strategy's scores."""
-    matched = {id(route.cache.conditioned[i]) for i in key}
-    for target in route.cache.conditioned:
-        if id(target) not in matched:
+    for index, target in enumerate(route.cache.conditioned):
+        if index not in key:
             wanted = ", ".join(f"{k}={v}" for k, v in target.metadata_match.items())
             explain.drop(target.key, f"metadata_match {wanted} does not match")
     let_in = set(probed)
@@ -427,7 +425,7 @@ def _explain_plan(full: Sequence[Target], explain: Explanation) -> None:
     for target in full[1:]:
         if not target.fallback_candidate:
             explain.drop(target.key, "fallback_candidate: false (never a fallback)")
-    explain.plan = [full[0].key, *(t.key for t in full[1:] if t.fallback_candidate)]
+    explain.plan = [t.key for t in plan_of(full)]
 
 
 _CLUSTER_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -471,6 +469,7 @@ def compile_provider(cfg: ProviderConfig, environ: Mapping[str, str]) -> Provide
 
 
 _ATOMS = (str, int, float, bool, type(None))
+_Tuple = TypeVar("_Tuple", bound=tuple[object, ...])
 
 
 class _Shared:
@@ -520,11 +519,8 @@ class _Shared:
             found = self._types[key] = frozenset(types)
         return found
 
-    def names(self, items: tuple[str, ...]) -> tuple[str, ...]:
-        return cast(tuple[str, ...], self._tuples.setdefault(items, items))
-
-    def pairs(self, items: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-        return cast(tuple[tuple[str, str], ...], self._tuples.setdefault(items, items))
+    def interned(self, items: _Tuple) -> _Tuple:
+        return cast(_Tuple, self._tuples.setdefault(items, items))
 
     def mapping(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
         if not values:
@@ -565,12 +561,12 @@ def _compile_target(cfg: TargetConfig, model: CatalogModel, shared: _Shared) -> 
         fallback_candidate=cfg.fallback_candidate,
         override_params=shared.mapping(cfg.override_params),
         headers_set=(
-            shared.pairs(tuple((k.lower(), v) for k, v in headers.set.items()))
+            shared.interned(tuple((k.lower(), v) for k, v in headers.set.items()))
             if headers.set
             else ()
         ),
         headers_remove=(
-            shared.names(tuple(h.lower() for h in headers.remove)) if headers.remove else ()
+            shared.interned(tuple(h.lower() for h in headers.remove)) if headers.remove else ()
         ),
         metadata_match=shared.mapping(cfg.metadata_match),
         sla_cutoff_s=sla.time_per_output_token_ms / 1000.0 if sla is not None else None,
